@@ -1,0 +1,86 @@
+"""Model: a loaded file ready to run, inspect, verify against its references, and count."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import format as fmt
+from .errors import InputError
+from .ops import OPS
+from .plan import Plan
+
+
+class Model:
+    """Run with Model(x). One Model may be called from many threads at once."""
+
+    def __init__(self, graph, references: fmt.References, limits: fmt.Limits | None = None,
+                 path: str = ""):
+        self.graph = graph
+        self.references = references
+        self.path = path
+        self.plan = Plan(graph, limits)
+
+    # --- running ------------------------------------------------------------------------------
+    def __call__(self, x):
+        outs = self.plan.run(self._inputs(x))
+        return self._pack([outs[n] for _, n in self.graph.outputs])
+
+    def activations(self, x, *, kernels: str = "fast") -> dict[str, np.ndarray]:
+        """Every node's output as the file defines it (unfused). kernels: "fast" | "reference"."""
+        if kernels not in ("fast", "reference"):
+            raise ValueError(f"kernels must be 'fast' or 'reference', got {kernels!r}")
+        env = self._inputs(x)
+        self.plan.check_inputs(env)
+        acts = {}
+        for n in self.graph.nodes:
+            op = OPS[n.op]
+            run = op.run if kernels == "fast" else op.reference
+            acts[n.name] = env[n.name] = run(n, *[env[i] for i in n.inputs])
+        return acts
+
+    def _inputs(self, x) -> dict[str, np.ndarray]:
+        specs = self.graph.inputs
+        xs = x if isinstance(x, (tuple, list)) else (x,)
+        if len(xs) != len(specs):
+            raise InputError(f"model takes {len(specs)} input(s) ({', '.join(t.name for t in specs)}), "
+                             f"got {len(xs)}")
+        out = {}
+        for spec, a in zip(specs, xs):
+            if not isinstance(a, np.ndarray):
+                raise InputError(f"input '{spec.name}': expected a numpy.ndarray, got {type(a).__name__}")
+            if a.dtype.kind != "f":
+                raise InputError(f"input '{spec.name}': expected a floating dtype, got {a.dtype}")
+            if a.ndim != len(spec.shape):
+                raise InputError(f"input '{spec.name}': expected rank {len(spec.shape)} "
+                                 f"(shape {_fmt_shape(spec.shape)}), got shape {a.shape}")
+            if a.shape[0] == 0:
+                raise InputError(f"input '{spec.name}': empty batch (shape {a.shape})")
+            out[spec.name] = np.ascontiguousarray(a, dtype=np.float32)
+        return out
+
+    def _pack(self, arrays):
+        if self.graph.output_kind == "tensor":
+            return arrays[0]
+        if self.graph.output_kind == "tuple":
+            return tuple(arrays)
+        return {name: a for (name, _), a in zip(self.graph.outputs, arrays)}
+
+    # --- checking -----------------------------------------------------------------------------
+    def verify(self, rtol: float = 1e-5) -> "VerifyReport":
+        from .verify import verify
+        return verify(self, rtol)
+
+    def count(self, input_shape=None, *, executed: bool = False):
+        from .count import count
+        return count(self, input_shape, executed=executed)
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
+
+
+def load(path, *, limits: fmt.Limits | None = None) -> Model:
+    """Read, validate and plan a model file. Raises FormatError, LimitError, UnsupportedOpError."""
+    graph, refs = fmt.load(path, limits)
+    return Model(graph, refs, limits, str(Path(path)))

@@ -1,0 +1,180 @@
+"""Load-time lowering of a Graph into a Plan: validate every node, fold BatchNorm into the
+producing conv/linear, fuse a following activation, and order the steps with each tensor freed
+after its last use. A Plan is immutable after construction, so one Plan serves many threads.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .errors import FormatError, InputError, ShapeMismatch, UnsupportedOpError
+from .format import Limits
+from .graph import Graph, Node
+from .ops import OPS, load_all, numel
+from .ops.activation import apply_act
+
+load_all()
+
+# ops whose output channel is axis 0 of the named weight and that take an optional "bias":
+# a following eval BatchNorm folds into them
+BN_FOLDABLE = {"conv2d": "weight", "linear": "weight"}
+# activation op -> the `act` tuple apply_act understands
+FUSABLE_ACTS = {
+    "relu": lambda n: ("relu",),
+    "clip": lambda n: ("clip", float(n.attrs["min"]), float(n.attrs["max"])),
+    "leaky_relu": lambda n: ("leaky_relu", float(n.attrs["negative_slope"])),
+    "sigmoid": lambda n: ("sigmoid",),
+    "tanh": lambda n: ("tanh",),
+    "silu": lambda n: ("silu",),
+    "hardswish": lambda n: ("hardswish",),
+}
+ACT_TARGETS = set(BN_FOLDABLE)
+
+
+def validate(graph: Graph, limits: Limits) -> dict[str, tuple[int, ...]]:
+    """Check every node's op, attributes and weights against the declared input shapes (batch 1).
+
+    Returns every tensor's shape at batch 1. Raises UnsupportedOpError / FormatError / LimitError.
+    """
+    for n in graph.nodes:
+        if n.op not in OPS:
+            raise UnsupportedOpError(f"node '{n.name}' (module '{n.module}'): op '{n.op}' is not "
+                                     f"supported by this engine (known: {', '.join(sorted(OPS))})")
+        op = OPS[n.op]
+        if op.n_inputs is not None and len(n.inputs) != op.n_inputs:
+            raise FormatError(f"node '{n.name}' ({n.op}): expected {op.n_inputs} input(s), got {len(n.inputs)}")
+        if op.n_inputs is None and not n.inputs:
+            raise FormatError(f"node '{n.name}' ({n.op}): expected at least one input")
+        missing = [w for w in op.weights if w not in n.weights]
+        extra = [w for w in n.weights if w not in op.weights + op.optional_weights]
+        if missing or extra:
+            raise FormatError(f"node '{n.name}' ({n.op}): weights expected {list(op.weights)} "
+                              f"(+ optional {list(op.optional_weights)}), got {list(n.weights)}")
+        op.check_attrs(n)
+    try:
+        shapes = infer_shapes(graph, {t.name: tuple(1 if s is None else s for s in t.shape)
+                                      for t in graph.inputs}, limits)
+    except ShapeMismatch as e:
+        raise FormatError(str(e)) from None
+    return shapes
+
+
+def infer_shapes(graph: Graph, input_shapes: dict[str, tuple], limits: Limits) -> dict[str, tuple]:
+    """Every tensor's shape for these input shapes (raises ShapeMismatch)."""
+    from .errors import LimitError
+    shapes = dict(input_shapes)
+    for n in graph.nodes:
+        out = tuple(int(s) for s in OPS[n.op].infer(n, [shapes[i] for i in n.inputs]))
+        if numel(out) > limits.max_activation_elements:
+            raise LimitError(f"node '{n.name}' ({n.op}): output {out} has more than "
+                             f"max_activation_elements {limits.max_activation_elements}")
+        shapes[n.name] = out
+    return shapes
+
+
+@dataclass(frozen=True)
+class Step:
+    node: Node                 # the node to run (weights possibly folded)
+    act: tuple | None          # activation fused into its output, or None
+    output: str                # tensor name it produces (the last fused node's name)
+    frees: tuple[str, ...]     # tensors dead after this step
+
+
+class Plan:
+    """What runs on each call: steps over fused nodes, with per-input-shape checks cached."""
+
+    def __init__(self, graph: Graph, limits: Limits | None = None, fuse: bool = True):
+        self.graph = graph
+        self.limits = limits or Limits()
+        self.shapes = validate(graph, self.limits)      # batch-1 shapes, for inspect/count
+        self.steps = _lower(graph, self.shapes, fuse)
+        self._checked: dict[tuple, dict] = {}
+        self._lock = threading.Lock()
+
+    def check_inputs(self, xs: dict[str, np.ndarray]) -> dict[str, tuple]:
+        """Shapes of every tensor for these inputs; InputError if any node rejects them."""
+        key = tuple(x.shape for x in xs.values())
+        shapes = self._checked.get(key)
+        if shapes is None:
+            try:
+                shapes = infer_shapes(self.graph, {k: x.shape for k, x in xs.items()}, self.limits)
+            except ShapeMismatch as e:
+                got = ", ".join(f"'{k}' {x.shape}" for k, x in xs.items())
+                raise InputError(f"input shape(s) {got} do not fit the model: {e}") from None
+            with self._lock:
+                if len(self._checked) > 64:
+                    self._checked.clear()
+                self._checked[key] = shapes
+        return shapes
+
+    def run(self, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the fused steps; returns the graph outputs by node name."""
+        self.check_inputs(xs)
+        env = dict(xs)
+        for step in self.steps:
+            y = OPS[step.node.op].run(step.node, *[env[i] for i in step.node.inputs])
+            if step.act is not None:
+                y = apply_act(y, step.act)
+            env[step.output] = y
+            for t in step.frees:
+                del env[t]
+        return {n: env[n] for _, n in self.graph.outputs}
+
+
+def _lower(graph: Graph, shapes: dict, fuse: bool) -> list[Step]:
+    users = graph.consumers()
+    by_name = {n.name: n for n in graph.nodes}
+    absorbed: set[str] = set()
+    fused: list[tuple[Node, tuple | None, str]] = []
+    for n in graph.nodes:
+        if n.name in absorbed:
+            continue
+        node, act, out = n, None, n.name
+        if fuse and n.op in ACT_TARGETS:
+            nxt = _sole_consumer(out, users, by_name)
+            # BN normalises axis 1: foldable when that is the producer's output-channel axis
+            if (nxt is not None and nxt.op == "batch_norm" and n.op in BN_FOLDABLE
+                    and (n.op != "linear" or len(shapes[n.name]) == 2)):
+                node = _fold_bn(node, nxt, BN_FOLDABLE[n.op])
+                absorbed.add(nxt.name)
+                out = nxt.name
+                nxt = _sole_consumer(out, users, by_name)
+            if nxt is not None and nxt.op in FUSABLE_ACTS:
+                act = FUSABLE_ACTS[nxt.op](nxt)
+                absorbed.add(nxt.name)
+                out = nxt.name
+        fused.append((node, act, out))
+    # free each tensor after the step that reads it last (graph outputs are never freed)
+    keep = {n for _, n in graph.outputs}
+    last_use: dict[str, int] = {}
+    for i, (node, _, _) in enumerate(fused):
+        for t in node.inputs:
+            last_use[t] = i
+    frees: list[list[str]] = [[] for _ in fused]
+    for t, i in last_use.items():
+        if t not in keep:
+            frees[i].append(t)
+    return [Step(node, act, out, tuple(fr)) for (node, act, out), fr in zip(fused, frees)]
+
+
+def _sole_consumer(tensor: str, users: dict, by_name: dict) -> Node | None:
+    """The node reading `tensor` when it is the only reader and `tensor` is no graph output."""
+    u = users.get(tensor, [])
+    return by_name[u[0]] if len(u) == 1 and u[0] else None
+
+
+def _fold_bn(node: Node, bn: Node, weight_name: str) -> Node:
+    """Fold eval BatchNorm y = (x - mean) / sqrt(var + eps) * gamma + beta into node's output channels."""
+    w = bn.weights
+    scale = (w["weight"].astype(np.float64) / np.sqrt(w["running_var"].astype(np.float64) + float(bn.attrs["eps"])))
+    weights = dict(node.weights)
+    kernel = weights[weight_name]                       # (N, ...) output channels first
+    if kernel.shape[0] != scale.shape[0]:
+        raise FormatError(f"node '{bn.name}' (batch_norm): {scale.shape[0]} channels after "
+                          f"node '{node.name}' with {kernel.shape[0]} outputs")
+    weights[weight_name] = (kernel * scale.reshape((-1,) + (1,) * (kernel.ndim - 1))).astype(np.float32)
+    bias = weights.get("bias", np.zeros(kernel.shape[0], np.float32)).astype(np.float64)
+    weights["bias"] = ((bias - w["running_mean"]) * scale + w["bias"]).astype(np.float32)
+    return replace(node, weights=weights)
