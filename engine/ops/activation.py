@@ -1,0 +1,172 @@
+"""Activations: relu, clip, leaky_relu, prelu, sigmoid, tanh, silu, hardswish, softmax, log_softmax.
+
+`apply_act(y, act)` applies a fusable activation in place; conv2d_fast / linear_fast call it
+after their bias add, and the activation ops apply it to a copy of their input, so fused and
+unfused results are identical. An activation op's `act(node)` gives its fusion tuple.
+
+Fast path: NumPy ufuncs are already vectorised, so run = reference for every op here.
+Cost: other = 1 per output element for relu, clip, leaky_relu, prelu, sigmoid, tanh, silu and
+hardswish; 4 per element for softmax / log_softmax (max, subtract + exp, sum, divide / subtract log).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Cost, Op, attr, mismatch, numel, register
+from .shape import int_min
+
+
+def _sigmoid(y: np.ndarray) -> np.ndarray:
+    """In place y = 1 / (1 + exp(-y)) (exp may overflow to inf for y < -88: gives 0, as torch)."""
+    np.negative(y, out=y)
+    with np.errstate(over="ignore"):
+        np.exp(y, out=y)
+    y += 1
+    return np.reciprocal(y, out=y)
+
+
+def apply_act(y: np.ndarray, act: tuple) -> np.ndarray:
+    """Apply activation `act` to float32 `y` in place; act: ("relu",), ("clip", lo, hi),
+    ("leaky_relu", slope), ("sigmoid",), ("tanh",), ("silu",) or ("hardswish",)."""
+    kind = act[0]
+    if kind == "relu":
+        np.maximum(y, 0, out=y)
+    elif kind == "clip":
+        np.clip(y, act[1], act[2], out=y)
+    elif kind == "leaky_relu":
+        np.multiply(y, np.float32(act[1]), out=y, where=y < 0)
+    elif kind == "sigmoid":
+        _sigmoid(y)
+    elif kind == "tanh":
+        np.tanh(y, out=y)
+    elif kind == "silu":
+        y *= _sigmoid(y.copy())
+    elif kind == "hardswish":
+        t = np.clip(y + 3, 0, 6)  # relu6(y + 3)
+        y *= t
+        y /= 6
+    else:
+        raise ValueError(f"unknown activation {act!r}")
+    return y
+
+
+class _Act(Op):
+    """An elementwise activation given entirely by its fusion tuple."""
+
+    def check_attrs(self, node):
+        self.act(node)
+
+    def act(self, node) -> tuple:
+        """The ("name", params...) tuple for apply_act; reads and checks the attributes."""
+        return (self.name,)
+
+    def reference(self, node, x):
+        return apply_act(x.copy(), self.act(node))
+
+    def cost(self, node, in_shapes, out_shape):
+        return Cost(other=numel(out_shape))
+
+
+@register
+class Relu(_Act):
+    name = "relu"
+
+
+@register
+class Sigmoid(_Act):
+    name = "sigmoid"
+
+
+@register
+class Tanh(_Act):
+    name = "tanh"
+
+
+@register
+class Silu(_Act):
+    name = "silu"
+
+
+@register
+class Hardswish(_Act):
+    name = "hardswish"
+
+
+@register
+class Clip(_Act):
+    name = "clip"
+
+    def act(self, node):
+        return ("clip", attr(node, "min", float), attr(node, "max", float))
+
+
+@register
+class LeakyRelu(_Act):
+    name = "leaky_relu"
+
+    def act(self, node):
+        return ("leaky_relu", attr(node, "negative_slope", float))
+
+
+@register
+class Prelu(Op):
+    """y = x if x > 0 else w * x, w one slope (1) or one per channel (C) of dim 1."""
+    name = "prelu"
+    weights = ("weight",)
+
+    def infer(self, node, in_shapes):
+        x = tuple(in_shapes[0])
+        w = node.weights.get("weight")
+        allowed = [(1,)] + ([(x[1],)] if len(x) >= 2 else [])
+        if w is None or w.dtype != np.float32 or w.shape not in allowed:
+            got = "none" if w is None else f"{w.dtype} {w.shape}"
+            raise mismatch(node, f"expected weight float32 {' or '.join(map(str, allowed))} "
+                                 f"for input {x}, got {got}")
+        return x
+
+    def reference(self, node, x):
+        w = node.weights["weight"]
+        w = w.reshape((1, -1) + (1,) * (x.ndim - 2)) if w.size > 1 else w  # broadcast over dim 1
+        return np.where(x > 0, x, w * x)
+
+    def cost(self, node, in_shapes, out_shape):
+        return Cost(other=numel(out_shape))
+
+
+class _Softmax(Op):
+    """Softmax family over attribute `axis`, shifted by the max for stability."""
+
+    def check_attrs(self, node):
+        int_min(node, "axis", 0)
+
+    def infer(self, node, in_shapes):
+        x = tuple(in_shapes[0])
+        if node.attrs["axis"] >= len(x):
+            raise mismatch(node, f"expected axis < rank {len(x)}, got axis {node.attrs['axis']} "
+                                 f"for input {x}")
+        return x
+
+    def cost(self, node, in_shapes, out_shape):
+        return Cost(other=4 * numel(out_shape))
+
+
+@register
+class Softmax(_Softmax):
+    name = "softmax"
+
+    def reference(self, node, x):
+        axis = node.attrs["axis"]
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        e /= e.sum(axis=axis, keepdims=True)
+        return e
+
+
+@register
+class LogSoftmax(_Softmax):
+    name = "log_softmax"
+
+    def reference(self, node, x):
+        axis = node.attrs["axis"]
+        z = x - x.max(axis=axis, keepdims=True)
+        z -= np.log(np.exp(z).sum(axis=axis, keepdims=True))
+        return z

@@ -1,0 +1,211 @@
+"""conv2d with PyTorch semantics: padding [top, left, bottom, right] (asymmetric allowed),
+padding_mode zeros / reflect / replicate / circular, stride, dilation, groups, optional bias.
+
+Also the helpers shared with the other op modules: `out_size` (window count of a conv / pool
+sweep), `pad2d` (padding of an NCHW tensor by mode) and `check_weight`.
+
+Fast path `conv2d_fast` (bias add and fused activation applied in place at the end):
+  - groups == C (depthwise, any channel multiplier): `_depthwise`, a direct Numba kernel with one
+    prange task per (image, output channel).
+  - 1x1, stride 1, unpadded: no lowering, the image is the column matrix: W_g @ x[b, group g].
+  - otherwise, per image: `_im2col` (Numba prange over column-matrix rows) from the input padded
+    once per call, then one BLAS sgemm per group outside prange.
+Cost: macs = B*N*H'*W'*(C/G)*kh*kw; other = B*N*H'*W' (the bias add) when there is a bias.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..errors import FormatError
+from . import Cost, Op, attr, mismatch, numel, register
+from .activation import apply_act
+from .shape import int_min, ints
+
+PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def out_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int,
+             dilation: int = 1, ceil_mode: bool = False) -> int:
+    """Number of window positions along one axis (PyTorch's rule; < 1 means no valid output).
+
+    With ceil_mode a partial last window counts, unless it would start in the end padding.
+    """
+    span = size + pad_begin + pad_end - dilation * (kernel - 1) - 1
+    n = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (n - 1) * stride >= size + pad_begin:
+        n -= 1
+    return n
+
+
+def pad2d(x: np.ndarray, pads, mode: str = "zeros", value: float = 0.0) -> np.ndarray:
+    """x (B, C, H, W) padded by pads = [top, left, bottom, right]; mode "zeros" fills `value`.
+
+    Returns x itself when there is nothing to pad.
+    """
+    t, l, b, r = pads
+    if not (t or l or b or r):
+        return x
+    B, C, H, W = x.shape
+    if mode == "zeros":
+        xp = np.full((B, C, H + t + b, W + l + r), value, np.float32)
+        xp[:, :, t:t + H, l:l + W] = x
+        return xp
+    return np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), mode=PADDING_MODES[mode])
+
+
+def check_weight(node, name: str, shape: tuple) -> None:
+    """Raise ShapeMismatch unless weight `name` is a float32 array of exactly `shape`."""
+    w = node.weights.get(name)
+    if w is None or w.dtype != np.float32 or w.shape != tuple(shape):
+        got = "none" if w is None else f"{w.dtype} {w.shape}"
+        raise mismatch(node, f"expected weight '{name}' float32 {tuple(shape)}, got {got}")
+
+
+@njit(cache=True, parallel=True)
+def _im2col(xp, kh, kw, sh, sw, dh, dw, ho, wo, cols):
+    """cols[(c*kh + i)*kw + j, oy*wo + ox] = xp[c, oy*sh + i*dh, ox*sw + j*dw]."""
+    for r in prange(cols.shape[0]):
+        c = r // (kh * kw)
+        i = (r // kw) % kh
+        j = r % kw
+        for oy in range(ho):
+            iy = oy * sh + i * dh
+            for ox in range(wo):
+                cols[r, oy * wo + ox] = xp[c, iy, ox * sw + j * dw]
+
+
+@njit(cache=True, parallel=True)
+def _depthwise(xp, w, bias, sh, sw, dh, dw, out):
+    """out[b, n] = bias[n] + sum_ij w[n, i, j] * xp[b, n // m, oy*sh + i*dh, ox*sw + j*dw],
+    m = N / C output channels per input channel."""
+    B, N, ho, wo = out.shape
+    m = N // xp.shape[1]
+    kh, kw = w.shape[1], w.shape[2]
+    for t in prange(B * N):
+        b = t // N
+        n = t % N
+        c = n // m
+        out[b, n] = bias[n]
+        for i in range(kh):
+            for j in range(kw):
+                wv = w[n, i, j]
+                for oy in range(ho):
+                    iy = oy * sh + i * dh
+                    for ox in range(wo):
+                        out[b, n, oy, ox] += wv * xp[b, c, iy, ox * sw + j * dw]
+
+
+def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode, act=None):
+    """Fast conv2d of float32 C-contiguous x (B, C, H, W) with weight (N, C/G, kh, kw) and bias
+    (N) or None; then activation `act` (see activation.apply_act) in place. Shapes must have
+    passed Conv2d.infer."""
+    B, C, H, W = x.shape
+    N, Cg, kh, kw = weight.shape
+    sh, sw = stride
+    dh, dw = dilation
+    ho = out_size(H, kh, sh, padding[0], padding[2], dh)
+    wo = out_size(W, kw, sw, padding[1], padding[3], dw)
+    xp = pad2d(x, padding, padding_mode)  # (B, C, H + top + bottom, W + left + right)
+    if groups == C:
+        out = np.empty((B, N, ho, wo), np.float32)
+        b = bias if bias is not None else np.zeros(N, np.float32)
+        _depthwise(xp, weight.reshape(N, kh, kw), b, sh, sw, dh, dw, out)
+    else:
+        K, Ng = Cg * kh * kw, N // groups
+        wg = weight.reshape(groups, Ng, K)  # (G, N/G, C/G*kh*kw) weight matrix of each group
+        out = np.empty((B, N, ho * wo), np.float32)
+        direct = kh == kw == 1 and sh == sw == 1 and not any(padding)
+        cols = None if direct else np.empty((groups * K, ho * wo), np.float32)  # (C*kh*kw, H'*W')
+        for b in range(B):
+            if direct:
+                cols = x[b].reshape(C, H * W)
+            else:
+                _im2col(xp[b], kh, kw, sh, sw, dh, dw, ho, wo, cols)
+            for g in range(groups):
+                np.matmul(wg[g], cols[g * K:(g + 1) * K], out=out[b, g * Ng:(g + 1) * Ng])
+        if bias is not None:
+            out += bias[:, None]
+        out = out.reshape(B, N, ho, wo)
+    if act is not None:
+        apply_act(out, act)
+    return out
+
+
+@register
+class Conv2d(Op):
+    name = "conv2d"
+    weights = ("weight",)
+    optional_weights = ("bias",)
+
+    def check_attrs(self, node):
+        ints(node, "stride", 1, 2)
+        ints(node, "padding", 0, 4)
+        ints(node, "dilation", 1, 2)
+        groups = int_min(node, "groups", 1)
+        if attr(node, "padding_mode", str) not in PADDING_MODES:
+            raise FormatError(f"node '{node.name}' (conv2d): padding_mode must be one of "
+                              f"{sorted(PADDING_MODES)}, got {node.attrs['padding_mode']!r}")
+        w = node.weights.get("weight")
+        if w is not None and w.ndim == 4 and w.shape[0] % groups:
+            raise FormatError(f"node '{node.name}' (conv2d): groups {groups} does not divide "
+                              f"the {w.shape[0]} output channels")
+
+    def infer(self, node, in_shapes):
+        a = node.attrs
+        x = tuple(in_shapes[0])
+        if len(x) != 4:
+            raise mismatch(node, f"expected input (B, C, H, W), got {x}")
+        B, C, H, W = x
+        g = a["groups"]
+        w = node.weights.get("weight")
+        shape = None if w is None else w.shape
+        if shape is None or len(shape) != 4 or shape[0] % g or shape[1] * g != C or 0 in shape:
+            raise mismatch(node, f"expected weight (N, {C}/groups={g}, kh, kw) with N divisible "
+                                 f"by {g} for input {x}, got {shape}")
+        check_weight(node, "weight", shape)
+        if "bias" in node.weights:
+            check_weight(node, "bias", (shape[0],))
+        t, l, b, r = a["padding"]
+        # torch refuses reflect padding >= size and circular padding > size
+        limit = {"reflect": 1, "circular": 0}.get(a["padding_mode"])
+        if limit is not None and (max(t, b) > H - limit or max(l, r) > W - limit):
+            raise mismatch(node, f"{a['padding_mode']} padding {a['padding']} too large for "
+                                 f"input {x}")
+        ho = out_size(H, shape[2], a["stride"][0], t, b, a["dilation"][0])
+        wo = out_size(W, shape[3], a["stride"][1], l, r, a["dilation"][1])
+        if ho < 1 or wo < 1:
+            raise mismatch(node, f"expected an input larger than the dilated kernel, got {x} "
+                                 f"for kernel {shape[2:]}: output {ho}x{wo}")
+        return (B, shape[0], ho, wo)
+
+    def reference(self, node, x):
+        """Sum over kernel taps (i, j) of W[:, :, i, j] applied to the input seen by that tap."""
+        a = node.attrs
+        (sh, sw), (dh, dw), G = a["stride"], a["dilation"], a["groups"]
+        w = node.weights["weight"]
+        N, Cg, kh, kw = w.shape
+        B, C, H, W = x.shape
+        ho = out_size(H, kh, sh, a["padding"][0], a["padding"][2], dh)
+        wo = out_size(W, kw, sw, a["padding"][1], a["padding"][3], dw)
+        xp = pad2d(x, a["padding"], a["padding_mode"])
+        wr = w.reshape(G, N // G, Cg, kh, kw)  # (G, N/G, C/G, kh, kw) weights by group
+        out = np.zeros((B, G, N // G, ho * wo), np.float32)
+        for i in range(kh):
+            for j in range(kw):
+                # (B, C, H', W') input under tap (i, j) for every output position
+                tap = xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+                out += wr[:, :, :, i, j] @ tap.reshape(B, G, Cg, ho * wo)
+        if "bias" in node.weights:
+            out += node.weights["bias"].reshape(G, N // G, 1)
+        return out.reshape(B, N, ho, wo)
+
+    def run(self, node, x):
+        a = node.attrs
+        return conv2d_fast(x, node.weights["weight"], node.weights.get("bias"), a["stride"],
+                           a["padding"], a["dilation"], a["groups"], a["padding_mode"])
+
+    def cost(self, node, in_shapes, out_shape):
+        _, Cg, kh, kw = node.weights["weight"].shape
+        return Cost(macs=numel(out_shape) * Cg * kh * kw,
+                    other=numel(out_shape) if "bias" in node.weights else 0)

@@ -1,0 +1,56 @@
+"""linear: y = x @ W.T + b over the last dim of an input of any rank.
+
+Fast path `linear_fast`: one BLAS sgemm on x viewed as (rows, in) against the transposed weight
+view (no copy), then bias add and fused activation in place.
+Cost: macs = rows*in*out (rows = product of the leading dims); other = rows*out (the bias add)
+when there is a bias.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Cost, Op, mismatch, numel, register
+from .activation import apply_act
+from .conv import check_weight
+
+
+def linear_fast(x, weight, bias, act=None):
+    """x (..., in) @ weight (out, in).T + bias (out) or None, then activation `act` in place."""
+    y = x.reshape(-1, x.shape[-1]) @ weight.T  # (rows, out)
+    if bias is not None:
+        y += bias
+    if act is not None:
+        apply_act(y, act)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+@register
+class Linear(Op):
+    name = "linear"
+    weights = ("weight",)
+    optional_weights = ("bias",)
+
+    def infer(self, node, in_shapes):
+        x = tuple(in_shapes[0])
+        w = node.weights.get("weight")
+        if not x or w is None or w.ndim != 2:
+            raise mismatch(node, f"expected input (..., in) and weight (out, in), got input {x} "
+                                 f"and weight {None if w is None else w.shape}")
+        check_weight(node, "weight", (w.shape[0], x[-1]))
+        if "bias" in node.weights:
+            check_weight(node, "bias", (w.shape[0],))
+        return x[:-1] + (w.shape[0],)
+
+    def reference(self, node, x):
+        y = np.matmul(x, node.weights["weight"].T)
+        if "bias" in node.weights:
+            y += node.weights["bias"]
+        return y
+
+    def run(self, node, x):
+        return linear_fast(x, node.weights["weight"], node.weights.get("bias"))
+
+    def cost(self, node, in_shapes, out_shape):
+        out, inp = node.weights["weight"].shape
+        rows = numel(out_shape[:-1])
+        return Cost(macs=rows * inp * out, other=rows * out if "bias" in node.weights else 0)

@@ -1,0 +1,42 @@
+"""batch_norm (eval): y = (x - running_mean) / sqrt(running_var + eps) * weight + bias over dim 1.
+
+Computed as torch does, x * alpha + beta with per-channel alpha = weight / sqrt(var + eps) and
+beta = bias - mean * alpha. NumPy is the fast path (run = reference).
+Cost: other = 1 per output element.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FormatError
+from . import Cost, Op, attr, mismatch, numel, register
+from .conv import check_weight
+
+
+@register
+class BatchNorm(Op):
+    name = "batch_norm"
+    weights = ("weight", "bias", "running_mean", "running_var")
+
+    def check_attrs(self, node):
+        if attr(node, "eps", float) < 0:
+            raise FormatError(f"node '{node.name}' (batch_norm): eps must be >= 0, "
+                              f"got {node.attrs['eps']}")
+
+    def infer(self, node, in_shapes):
+        x = tuple(in_shapes[0])
+        if len(x) < 2:
+            raise mismatch(node, f"expected input (B, C, ...), got {x}")
+        for name in self.weights:
+            check_weight(node, name, (x[1],))
+        return x
+
+    def reference(self, node, x):
+        w = node.weights
+        alpha = w["weight"] / np.sqrt(w["running_var"] + np.float32(node.attrs["eps"]))  # (C)
+        beta = w["bias"] - w["running_mean"] * alpha  # (C)
+        shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over dim 1
+        return x * alpha.reshape(shape) + beta.reshape(shape)
+
+    def cost(self, node, in_shapes, out_shape):
+        return Cost(other=numel(out_shape))

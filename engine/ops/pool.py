@@ -1,0 +1,248 @@
+"""Pooling and reductions: max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean (PyTorch semantics).
+
+Fast paths: max_pool2d and avg_pool2d share one Numba kernel (_pool2d) with one prange task
+per (image, channel) plane; adaptive_avg_pool2d and mean are O(input) NumPy already (run = reference).
+Cost (other): max_pool2d and avg_pool2d kh*kw per output element (the full window);
+adaptive_avg_pool2d the exact number of input elements summed over all windows; mean one per
+input element.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..errors import FormatError
+from . import Cost, Op, attr, mismatch, numel, register
+from .conv import out_size, pad2d
+from .shape import int_min, ints
+
+
+def _box_means(x, y0, y1, x0, x1, div):
+    """(B, C, len(y0), len(x0)) float32 sums of x (B, C, H, W) over the windows
+    [y0[i], y1[i]) x [x0[j], x1[j]), divided by div (scalar or (len(y0), len(x0))); summed in
+    float64 from the summed-area table of x."""
+    B, C, H, W = x.shape
+    S = np.zeros((B, C, H + 1, W + 1))  # (B, C, H+1, W+1) S[.., y, x] = sum of x[.., :y, :x]
+    S[:, :, 1:, 1:] = x.cumsum(2, dtype=np.float64).cumsum(3)
+    y0, y1, x0, x1 = y0[:, None], y1[:, None], x0[None, :], x1[None, :]
+    sums = S[:, :, y1, x1] - S[:, :, y0, x1] - S[:, :, y1, x0] + S[:, :, y0, x0]
+    return (sums / div).astype(np.float32, order="C")
+
+
+class _Pool2d(Op):
+    """Shared attributes and output shape of max_pool2d / avg_pool2d (symmetric padding)."""
+
+    def check_attrs(self, node):
+        k = ints(node, "kernel", 1, 2)
+        ints(node, "stride", 1, 2)
+        p = ints(node, "padding", 0, 2)
+        attr(node, "ceil_mode", bool)
+        if p[0] > k[0] // 2 or p[1] > k[1] // 2:  # torch: pad at most half the kernel
+            raise FormatError(f"node '{node.name}' ({node.op}): padding {p} must be at most "
+                              f"half of kernel {k}")
+
+    def geometry(self, node, shape):
+        """(ho, wo, kh, kw, sh, sw, ph, pw, dh, dw) of this pool on input `shape`."""
+        a = node.attrs
+        (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+        dh, dw = a.get("dilation", [1, 1])
+        H, W = shape[2], shape[3]
+        ho = out_size(H, kh, sh, ph, ph, dh, a["ceil_mode"])
+        wo = out_size(W, kw, sw, pw, pw, dw, a["ceil_mode"])
+        return ho, wo, kh, kw, sh, sw, ph, pw, dh, dw
+
+    def infer(self, node, in_shapes):
+        x = tuple(in_shapes[0])
+        if len(x) != 4:
+            raise mismatch(node, f"expected input (B, C, H, W), got {x}")
+        ho, wo = self.geometry(node, x)[:2]
+        if ho < 1 or wo < 1:
+            raise mismatch(node, f"expected an input larger than the kernel, got {x}: "
+                                 f"output {ho}x{wo}")
+        return x[:2] + (ho, wo)
+
+    def cost(self, node, in_shapes, out_shape):
+        kh, kw = node.attrs["kernel"]
+        return Cost(other=numel(out_shape) * kh * kw)
+
+
+@njit(cache=True, parallel=True)
+def _pool2d(x, kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor, out):
+    """Max (avg = 0) or average (avg = 1) pooling of planes x (P, H, W) into out (P, H', W'),
+    one prange task per plane. Only in-bounds taps are visited: per kernel row the tap row is
+    skipped when outside, per kernel column the valid output columns [lo, hi) are computed, so
+    the inner loop is branch-free. Max: NaN wins, as in torch. Average: window sum / divisor
+    (> 0), or / the window's element count (padded extent if include_pad, else in-bounds), as
+    in _avg_windows."""
+    P, H, W = x.shape
+    ho, wo = out.shape[1], out.shape[2]
+    for p in prange(P):
+        for oy in range(ho):
+            acc = out[p, oy]  # (W') row being reduced
+            acc[:] = 0.0 if avg else -np.inf
+            for i in range(kh):
+                iy = oy * sh - ph + i * dh
+                if iy < 0 or iy >= H:
+                    continue
+                for j in range(kw):
+                    off = j * dw - pw  # input column of output column ox is ox*sw + off
+                    lo = max(0, (sw - 1 - off) // sw)
+                    hi = min(wo, (W - 1 - off) // sw + 1)
+                    if avg:
+                        for ox in range(lo, hi):
+                            acc[ox] += x[p, iy, ox * sw + off]
+                    else:
+                        for ox in range(lo, hi):
+                            v = x[p, iy, ox * sw + off]
+                            a = acc[ox]
+                            acc[ox] = v if (v > a) | (v != v) else a  # branch-free select
+            if avg:
+                y0 = oy * sh - ph
+                y1 = min(y0 + kh, H + ph)
+                for ox in range(wo):
+                    x0 = ox * sw - pw
+                    x1 = min(x0 + kw, W + pw)
+                    if divisor > 0:
+                        d = divisor
+                    elif include_pad:
+                        d = (y1 - y0) * (x1 - x0)
+                    else:
+                        d = (min(y1, H) - max(y0, 0)) * (min(x1, W) - max(x0, 0))
+                    acc[ox] /= d
+
+
+def _run_pool(x, geometry, avg, include_pad=0, divisor=0):
+    """Run _pool2d over the B*C planes of x (B, C, H, W) for geometry (H', W', kh, kw, sh, sw,
+    ph, pw, dh, dw)."""
+    ho, wo, kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    B, C, H, W = x.shape
+    out = np.empty((B, C, ho, wo), np.float32)
+    _pool2d(x.reshape(B * C, H, W), kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor,
+            out.reshape(B * C, ho, wo))
+    return out
+
+
+@register
+class MaxPool2d(_Pool2d):
+    name = "max_pool2d"
+
+    def check_attrs(self, node):
+        super().check_attrs(node)
+        ints(node, "dilation", 1, 2)
+
+    def reference(self, node, x):
+        ho, wo, kh, kw, sh, sw, ph, pw, dh, dw = self.geometry(node, x.shape)
+        B, C, H, W = x.shape
+        # -inf padding, extended at the end for ceil_mode windows that run past it
+        bottom = max(ph, (ho - 1) * sh + dh * (kh - 1) + 1 - H - ph)
+        right = max(pw, (wo - 1) * sw + dw * (kw - 1) + 1 - W - pw)
+        xp = pad2d(x, [ph, pw, bottom, right], value=-np.inf)
+        out = np.full((B, C, ho, wo), -np.inf, np.float32)
+        for i in range(kh):
+            for j in range(kw):
+                np.maximum(out, xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh,
+                                   j * dw:j * dw + sw * (wo - 1) + 1:sw], out=out)
+        return out
+
+    def run(self, node, x):
+        return _run_pool(x, self.geometry(node, x.shape), 0)
+
+
+def _avg_windows(n_out, size, k, s, p):
+    """Per-axis window bounds of avg_pool2d, as torch: the window [start, start + k) cut to the
+    padded extent [-p, size + p) gives `padded` (the count_include_pad length), cut to the input
+    [0, size) gives (lo, hi). Every window keeps >= 1 input element: it starts before `size`
+    (ceil rule) and ends after 0 (p <= k/2)."""
+    start = np.arange(n_out) * s - p
+    end = np.minimum(start + k, size + p)
+    return np.maximum(start, 0), np.minimum(end, size), end - start
+
+
+@register
+class AvgPool2d(_Pool2d):
+    name = "avg_pool2d"
+
+    def check_attrs(self, node):
+        super().check_attrs(node)
+        attr(node, "count_include_pad", bool)
+        if node.attrs.get("divisor_override") is not None:
+            int_min(node, "divisor_override", 1)
+
+    def reference(self, node, x):
+        ho, wo, kh, kw, sh, sw, ph, pw = self.geometry(node, x.shape)[:8]
+        H, W = x.shape[2:]
+        y0, y1, ny = _avg_windows(ho, H, kh, sh, ph)
+        x0, x1, nx = _avg_windows(wo, W, kw, sw, pw)
+        if node.attrs.get("divisor_override") is not None:
+            div = node.attrs["divisor_override"]
+        elif node.attrs["count_include_pad"]:
+            div = np.outer(ny, nx)
+        else:
+            div = np.outer(y1 - y0, x1 - x0)
+        return _box_means(x, y0, y1, x0, x1, div)
+
+    def run(self, node, x):
+        return _run_pool(x, self.geometry(node, x.shape), 1, int(node.attrs["count_include_pad"]),
+                         node.attrs.get("divisor_override") or 0)
+
+
+@register
+class AdaptiveAvgPool2d(Op):
+    """Output cell i averages input [floor(i*H/o), ceil((i+1)*H/o)); a null size keeps H."""
+    name = "adaptive_avg_pool2d"
+
+    def check_attrs(self, node):
+        v = attr(node, "output_size", list)
+        if len(v) != 2 or not all(s is None or (type(s) is int and s >= 1) for s in v):
+            raise FormatError(f"node '{node.name}' (adaptive_avg_pool2d): output_size must be "
+                              f"2 ints >= 1 or null, got {v!r}")
+
+    def infer(self, node, in_shapes):
+        x = tuple(in_shapes[0])
+        if len(x) != 4:
+            raise mismatch(node, f"expected input (B, C, H, W), got {x}")
+        return x[:2] + tuple(x[2 + i] if o is None else o
+                             for i, o in enumerate(node.attrs["output_size"]))
+
+    def windows(self, n_out, size):
+        """(start, end) index arrays of the n_out adaptive windows along an axis of `size`."""
+        i = np.arange(n_out)
+        return i * size // n_out, -(-(i + 1) * size // n_out)
+
+    def reference(self, node, x):
+        ho, wo = self.infer(node, [x.shape])[2:]
+        (y0, y1), (x0, x1) = self.windows(ho, x.shape[2]), self.windows(wo, x.shape[3])
+        return _box_means(x, y0, y1, x0, x1, np.outer(y1 - y0, x1 - x0))
+
+    def cost(self, node, in_shapes, out_shape):
+        B, C, H, W = in_shapes[0]
+        (y0, y1), (x0, x1) = self.windows(out_shape[2], H), self.windows(out_shape[3], W)
+        return Cost(other=int(B * C * (y1 - y0).sum() * (x1 - x0).sum()))
+
+
+@register
+class Mean(Op):
+    name = "mean"
+
+    def check_attrs(self, node):
+        dims = ints(node, "dims", 0)
+        if not dims or len(set(dims)) != len(dims):
+            raise FormatError(f"node '{node.name}' (mean): dims must be non-empty and distinct, "
+                              f"got {dims}")
+        attr(node, "keepdim", bool)
+
+    def infer(self, node, in_shapes):
+        x = tuple(in_shapes[0])
+        dims = node.attrs["dims"]
+        if max(dims) >= len(x):
+            raise mismatch(node, f"expected dims {dims} < rank {len(x)}, got input {x}")
+        if node.attrs["keepdim"]:
+            return tuple(1 if i in dims else s for i, s in enumerate(x))
+        return tuple(s for i, s in enumerate(x) if i not in dims)
+
+    def reference(self, node, x):
+        return np.asarray(np.mean(x, axis=tuple(node.attrs["dims"]),
+                                  keepdims=node.attrs["keepdim"], dtype=np.float32))
+
+    def cost(self, node, in_shapes, out_shape):
+        return Cost(other=numel(in_shapes[0]))
