@@ -39,13 +39,20 @@ def register_leaf(*types: type):
     """Decorator: `exporter(module) -> (op, attrs, weights)` handles these module types.
 
     Registered types are also fx leaves: they become one node, never traced through.
-    Lookup is by exact type, so a subclass with its own forward is not exported by mistake.
     """
     def deco(fn: Exporter) -> Exporter:
         for t in types:
             LEAF_EXPORTERS[t] = fn
         return fn
     return deco
+
+
+def _exporter_for(cls: type) -> Exporter | None:
+    """The exporter of `cls`, or of its nearest registered base class when `cls` keeps that
+    base's forward (e.g. torch.nn.utils.parametrize's ParametrizedConv2d); a subclass with its
+    own forward is traced through instead of being exported as its base by mistake."""
+    return next((LEAF_EXPORTERS[b] for b in cls.__mro__
+                 if b in LEAF_EXPORTERS and getattr(b, "forward", None) is getattr(cls, "forward", None)), None)
 
 
 def _function(*targets):
@@ -347,15 +354,17 @@ def _normalize(m: _Mapped, out_shape: tuple) -> None:
 
 
 def _reshape_code(in_shape: tuple, out_shape: tuple) -> list[int]:
-    """Engine reshape target: the prefix of dims equal to the input's becomes 0 (copy), the last
-    other dim -1 (inferred), so x.view(x.size(0), -1) -> [0, -1] works for any batch size."""
+    """Engine reshape target from traced shapes: the prefix of dims equal to the input's becomes 0
+    (copy), the last other dim -1 (inferred), so x.view(x.size(0), -1) -> [0, -1] works for any
+    batch and spatial size. When even the batch dim is not copied, it was merged into dim 0, so
+    dim 0 is the inferred one: x.view(-1, 4) -> [-1, 4]."""
     code = [int(s) for s in out_shape]
     k = 0
     while k < min(len(in_shape), len(out_shape)) and in_shape[k] == out_shape[k]:
         code[k] = 0
         k += 1
     if k < len(code):
-        code[-1] = -1
+        code[0 if k == 0 else -1] = -1
     return code
 
 
@@ -372,7 +381,7 @@ class _Tracer(fx.Tracer):
     in which tracing fails."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m) in LEAF_EXPORTERS or super().is_leaf_module(m, qualname)
+        return _exporter_for(type(m)) is not None or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
@@ -462,7 +471,7 @@ def _map_node(n: fx.Node, gm: fx.GraphModule, env: dict) -> _Mapped:
     kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
     try:
         if n.op == "call_module":
-            exporter = LEAF_EXPORTERS.get(type(gm.get_submodule(n.target)))
+            exporter = _exporter_for(type(gm.get_submodule(n.target)))
             if exporter is None:
                 raise UnsupportedOpError("no exporter registered")
             op, attrs, weights = exporter(gm.get_submodule(n.target))
