@@ -6,14 +6,15 @@ unfused results are identical. An activation op's `act(node)` gives its fusion t
 
 Fast path: NumPy ufuncs are already vectorised, so run = reference for every op here.
 Cost: other = 1 per output element for relu, clip, leaky_relu, prelu, sigmoid, tanh, silu and
-hardswish; 4 per element for softmax / log_softmax (max, subtract + exp, sum, divide / subtract log).
+hardswish; 4 per element for softmax / log_softmax (max, subtract + exp, sum, divide or
+subtract log).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import Cost, Op, attr, mismatch, numel, register
-from .shape import int_min
+from .shape import check_axis, int_min
 
 
 def _sigmoid(y: np.ndarray) -> np.ndarray:
@@ -141,9 +142,7 @@ class _Softmax(Op):
 
     def infer(self, node, in_shapes):
         x = tuple(in_shapes[0])
-        if node.attrs["axis"] >= len(x):
-            raise mismatch(node, f"expected axis < rank {len(x)}, got axis {node.attrs['axis']} "
-                                 f"for input {x}")
+        check_axis(node, x, "axis", node.attrs["axis"])
         return x
 
     def cost(self, node, in_shapes, out_shape):

@@ -1,7 +1,8 @@
 """Pooling and reductions: max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean (PyTorch semantics).
 
 Fast paths: max_pool2d and avg_pool2d share one Numba kernel (_pool2d) with one prange task
-per (image, channel) plane; adaptive_avg_pool2d and mean are O(input) NumPy already (run = reference).
+per (image, channel) plane; adaptive_avg_pool2d and mean are O(input) NumPy already
+(run = reference).
 Cost (other): max_pool2d and avg_pool2d kh*kw per output element (the full window);
 adaptive_avg_pool2d the exact number of input elements summed over all windows; mean one per
 input element.
@@ -13,8 +14,8 @@ from numba import njit, prange
 
 from ..errors import FormatError
 from . import Cost, Op, attr, mismatch, numel, register
-from .conv import out_size, pad2d
-from .shape import int_min, ints
+from .conv import out_size, pad2d, tap
+from .shape import check_axis, int_min, ints
 
 
 def _box_means(x, y0, y1, x0, x1, div):
@@ -66,37 +67,47 @@ class _Pool2d(Op):
         return Cost(other=numel(out_shape) * kh * kw)
 
 
+@njit(cache=True, inline="always")
+def _fold(dst, src, avg):
+    """dst += src (avg) or dst = max(dst, src) with NaN propagating (max), over 1-D arrays."""
+    if avg:
+        for q in range(dst.shape[0]):
+            dst[q] += src[q]
+    else:
+        for q in range(dst.shape[0]):
+            dst[q] = np.maximum(dst[q], src[q])
+
+
 @njit(cache=True, parallel=True)
 def _pool2d(x, kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor, out):
     """Max (avg = 0) or average (avg = 1) pooling of planes x (P, H, W) into out (P, H', W'),
-    one prange task per plane. Only in-bounds taps are visited: per kernel row the tap row is
-    skipped when outside, per kernel column the valid output columns [lo, hi) are computed, so
-    the inner loop is branch-free. Max: NaN wins, as in torch. Average: window sum / divisor
-    (> 0), or / the window's element count (padded extent if include_pad, else in-bounds), as
-    in _avg_windows."""
+    one prange task per plane, tap by tap. Only in-bounds taps are visited: per kernel column
+    the valid output columns [lo, hi) are computed once, per (kernel row, output row) the input
+    row is skipped when outside; the inner loop runs over slices (branch-free; SIMD when sw = 1,
+    where the source slice is contiguous). Max: NaN propagates, as in torch. Average: window
+    sum / divisor (> 0), or / the window's element count (padded extent if include_pad, else
+    in-bounds), as in _avg_windows."""
     P, H, W = x.shape
     ho, wo = out.shape[1], out.shape[2]
     for p in prange(P):
-        for oy in range(ho):
-            acc = out[p, oy]  # (W') row being reduced
-            acc[:] = 0.0 if avg else -np.inf
+        out[p] = 0.0 if avg else -np.inf
+        for j in range(kw):
+            off = j * dw - pw  # output column ox reads input column ox*sw + off
+            lo = max(0, (sw - 1 - off) // sw)
+            hi = min(wo, (W - 1 - off) // sw + 1)
+            start = lo * sw + off
             for i in range(kh):
-                iy = oy * sh - ph + i * dh
-                if iy < 0 or iy >= H:
-                    continue
-                for j in range(kw):
-                    off = j * dw - pw  # input column of output column ox is ox*sw + off
-                    lo = max(0, (sw - 1 - off) // sw)
-                    hi = min(wo, (W - 1 - off) // sw + 1)
-                    if avg:
-                        for ox in range(lo, hi):
-                            acc[ox] += x[p, iy, ox * sw + off]
+                for oy in range(ho):
+                    iy = oy * sh - ph + i * dh
+                    if iy < 0 or iy >= H:
+                        continue
+                    if sw == 1:
+                        _fold(out[p, oy, lo:hi], x[p, iy, start:start + hi - lo], avg)
                     else:
-                        for ox in range(lo, hi):
-                            v = x[p, iy, ox * sw + off]
-                            a = acc[ox]
-                            acc[ox] = v if (v > a) | (v != v) else a  # branch-free select
-            if avg:
+                        _fold(out[p, oy, lo:hi], x[p, iy, start:start + (hi - lo - 1) * sw + 1:sw],
+                              avg)
+        if avg:
+            for oy in range(ho):
                 y0 = oy * sh - ph
                 y1 = min(y0 + kh, H + ph)
                 for ox in range(wo):
@@ -108,7 +119,7 @@ def _pool2d(x, kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor, out):
                         d = (y1 - y0) * (x1 - x0)
                     else:
                         d = (min(y1, H) - max(y0, 0)) * (min(x1, W) - max(x0, 0))
-                    acc[ox] /= d
+                    out[p, oy, ox] /= d
 
 
 def _run_pool(x, geometry, avg, include_pad=0, divisor=0):
@@ -140,8 +151,7 @@ class MaxPool2d(_Pool2d):
         out = np.full((B, C, ho, wo), -np.inf, np.float32)
         for i in range(kh):
             for j in range(kw):
-                np.maximum(out, xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh,
-                                   j * dw:j * dw + sw * (wo - 1) + 1:sw], out=out)
+                np.maximum(out, tap(xp, i * dh, j * dw, ho, wo, sh, sw), out=out)
         return out
 
     def run(self, node, x):
@@ -149,10 +159,10 @@ class MaxPool2d(_Pool2d):
 
 
 def _avg_windows(n_out, size, k, s, p):
-    """Per-axis window bounds of avg_pool2d, as torch: the window [start, start + k) cut to the
-    padded extent [-p, size + p) gives `padded` (the count_include_pad length), cut to the input
-    [0, size) gives (lo, hi). Every window keeps >= 1 input element: it starts before `size`
-    (ceil rule) and ends after 0 (p <= k/2)."""
+    """(lo, hi, padded) per-axis window bounds of avg_pool2d, as torch: window [start, start + k)
+    cut to the input [0, size) is [lo, hi); cut to the padded extent [-p, size + p) its length is
+    `padded` (the count_include_pad divisor). Every window keeps >= 1 input element: it starts
+    before `size` (ceil rule) and ends after 0 (p <= k/2)."""
     start = np.arange(n_out) * s - p
     end = np.minimum(start + k, size + p)
     return np.maximum(start, 0), np.minimum(end, size), end - start
@@ -234,8 +244,7 @@ class Mean(Op):
     def infer(self, node, in_shapes):
         x = tuple(in_shapes[0])
         dims = node.attrs["dims"]
-        if max(dims) >= len(x):
-            raise mismatch(node, f"expected dims {dims} < rank {len(x)}, got input {x}")
+        check_axis(node, x, "dims", max(dims))
         if node.attrs["keepdim"]:
             return tuple(1 if i in dims else s for i, s in enumerate(x))
         return tuple(s for i, s in enumerate(x) if i not in dims)

@@ -4,7 +4,7 @@ They only move data, so NumPy is the fast path (run = reference). flatten, resha
 return views of their input (no copy); permute and concat return new C-contiguous arrays.
 Cost: none of them counts any operation (Cost() = 0, data movement only).
 
-Also `ints` and `int_min`, the int attribute readers shared by the op modules.
+Also `ints`, `int_min` (int attribute readers) and `check_axis`, shared by the op modules.
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ def int_min(node, key: str, minimum: int) -> int:
     return v
 
 
-def _axis(node, shape, key: str, value: int) -> None:
+def check_axis(node, shape, key: str, value: int) -> None:
     """Raise ShapeMismatch unless `value` indexes a dim of `shape`."""
     if value >= len(shape):
-        raise mismatch(node, f"expected {key} < rank {len(shape)}, got {key} {value} for input {shape}")
+        raise mismatch(node, f"expected {key} < rank {len(shape)}, got {key} {value} "
+                             f"for input {shape}")
 
 
 @register
@@ -53,7 +54,7 @@ class Flatten(Op):
     def infer(self, node, in_shapes):
         x = tuple(in_shapes[0])
         s, e = node.attrs["start_dim"], node.attrs["end_dim"]
-        _axis(node, x, "end_dim", e)
+        check_axis(node, x, "end_dim", e)
         return x[:s] + (numel(x[s:e + 1]),) + x[e + 1:]
 
     def reference(self, node, x):
@@ -74,7 +75,7 @@ class Reshape(Op):
         out = []
         for i, s in enumerate(node.attrs["shape"]):
             if s == 0:
-                _axis(node, x, "index of a 0 entry", i)
+                check_axis(node, x, "index of a 0 entry", i)
                 s = x[i]
             out.append(s)
         known = numel(s for s in out if s != -1)
@@ -105,7 +106,8 @@ class Permute(Op):
         x = in_shapes[0]
         perm = node.attrs["perm"]
         if len(perm) != len(x):
-            raise mismatch(node, f"expected input of rank {len(perm)} (perm {perm}), got {tuple(x)}")
+            raise mismatch(node, f"expected input of rank {len(perm)} (perm {perm}), "
+                                 f"got {tuple(x)}")
         return tuple(x[p] for p in perm)
 
     def reference(self, node, x):
@@ -123,11 +125,12 @@ class Concat(Op):
     def infer(self, node, in_shapes):
         axis = node.attrs["axis"]
         first = tuple(in_shapes[0])
-        _axis(node, first, "axis", axis)
+        check_axis(node, first, "axis", axis)
         for s in in_shapes[1:]:
             s = tuple(s)
             if len(s) != len(first) or s[:axis] + s[axis + 1:] != first[:axis] + first[axis + 1:]:
-                raise mismatch(node, f"expected inputs equal to {first} except in dim {axis}, got {s}")
+                raise mismatch(node, f"expected inputs equal to {first} except in dim {axis}, "
+                                     f"got {s}")
         return first[:axis] + (sum(s[axis] for s in in_shapes),) + first[axis + 1:]
 
     def reference(self, node, *xs):
