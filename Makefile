@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch; an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,plot,dev]'
+	$(PY) -m pip install -q -e '.[torch,plot,dev,dist]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -61,11 +61,25 @@ def cmd_convert(a) -> int:
 
 def cmd_run(a) -> int:
     from . import load
+    from .dataset import named_outputs, run_dataset
+    from .errors import InputError
+    if a.output and a.output.endswith((".h5", ".hdf5")):      # streamed, resumable, maybe on Dask
+        try:
+            if a.scheduler:
+                with need("distributed").Client(a.scheduler) as client:
+                    run_dataset(a.model, a.input, a.output, batch_size=a.batch_size, client=client)
+            else:
+                run_dataset(a.model, a.input, a.output, batch_size=a.batch_size)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: the rows done are kept in {a.output}; run the same command again "
+                  "to resume", file=sys.stderr)
+            return 130
+        print(f"wrote {a.output}")
+        return 0
+    if a.scheduler or not a.input.endswith(".npy"):
+        raise InputError("an HDF5 input or --scheduler needs an .h5 --output (the streamed run)")
     model = load(a.model)
-    x = np.load(a.input, allow_pickle=False)
-    y = model(x)
-    outs = y if isinstance(y, dict) else dict(zip((o for o, _ in model.graph.outputs),
-                                                   y if isinstance(y, tuple) else (y,)))
+    outs = named_outputs(model, model(np.load(a.input, allow_pickle=False)))
     for k, v in outs.items():
         print(f"{k}: shape {v.shape}, mean {v.mean():.6g}, max {v.max():.6g}")
     if a.output:
@@ -105,24 +119,68 @@ def cmd_inspect(a) -> int:
         total += p
         print(f"{n.name:<28} {n.op:<20} {n.module:<28} {str(model.plan.shapes[n.name]):<22} {p:>10,}")
     print(f"total params {total:,}; plan: {len(model.plan.steps)} steps after fusion")
+    if a.spectrum:
+        from .spectrum import layer_spectra, plot_spectra, spectrum_table
+        spectra = layer_spectra(g)
+        print("\nspectrum (M keeping 90/95/99 % of each layer's filter energy; basis nodes: of combine @ basis)")
+        print(spectrum_table(spectra))
+        plot_spectra(spectra, a.spectrum, title=f"{a.model}: cumulative energy vs M (x = break-even M)")
+        print(f"wrote {a.spectrum}")
+    return 0
+
+
+def cmd_compress(a) -> int:
+    if a.tt:
+        return _compress_tt(a)
+    if a.max_rank is not None or a.eps is not None:
+        print("basisconv compress: --max-rank and --eps go with --tt", file=sys.stderr)
+        return 2
+    from converters.basis import compress_file  # NumPy only: works without torch
+    try:
+        report = compress_file(a.model, a.output, energy=a.energy, rank=a.rank, mac_budget=a.mac_budget,
+                               force=a.force)
+    except ValueError as e:
+        print(f"basisconv compress: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    print(f"wrote {a.output} (references recomputed by the engine's reference kernels)")
+    return 0
+
+
+def _compress_tt(a) -> int:
+    from converters.tt import compress_file_tt, report_table  # NumPy only: works without torch
+    if a.max_rank is None and a.eps is None:
+        print("basisconv compress: --tt needs --max-rank and/or --eps", file=sys.stderr)
+        return 2
+    try:
+        reports = compress_file_tt(a.model, a.output, max_rank=a.max_rank, eps=a.eps)
+    except ValueError as e:
+        print(f"basisconv compress: {e}", file=sys.stderr)
+        return 2
+    print(report_table(reports))
+    print(f"wrote {a.output} (references recomputed by the engine's reference kernels)")
     return 0
 
 
 def cmd_count(a) -> int:
     from . import load
-    report = load(a.model).count(a.input_shape)
+    from .count import format_table, plot_macs, to_csv
+    shape = a.input_shape and (a.input_shape[0] if len(a.input_shape) == 1 else a.input_shape)
+    report = load(a.model).count(shape, executed=a.executed)
+    dense = None
+    if a.against:
+        dense = load(a.against).count([tuple(s) for s in report.input_shape.values()])
     if a.json:
-        print(json.dumps(report.to_dict()))
-        return 0
-    cols = ("macs", "other_ops", "params", "learnable_params", "activation_bytes")
-    print(f"input {report.input_shape}")
-    print(f"{'node':<28} {'op':<20} " + " ".join(f"{c:>16}" for c in cols))
-    for r in report.nodes:
-        print(f"{r.name:<28} {r.op:<20} " + " ".join(f"{getattr(r, c):>16,}" for c in cols))
-    print(f"{'total':<49} " + " ".join(f"{report.total[c]:>16,}" for c in cols))
-    print(f"FLOPs (2 x MACs) {report.total['flops']:,}; peak activation memory "
-          f"{report.total['peak_activation_bytes']:,} bytes")
-    return 0
+        print(json.dumps(report.to_dict(dense)))
+    elif a.csv:
+        print(to_csv(report, dense), end="")
+    else:
+        print(format_table(report, dense))
+    if a.plot:
+        plot_macs(report, a.plot, dense, title=f"MACs per layer: {a.model}"
+                  + (f" vs {a.against}" if a.against else ""))
+        print(f"wrote {a.plot}", file=sys.stderr)
+    return 1 if report.mismatches else 0
 
 
 def _shape(shape) -> str:
@@ -144,10 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_convert)
 
-    r = sub.add_parser("run", help="run a model on an input array")
+    r = sub.add_parser("run", help="run a model on an input array, or stream a dataset into an .h5 file")
     r.add_argument("model")
-    r.add_argument("--input", required=True, help=".npy file")
-    r.add_argument("--output", help=".npz file for the outputs")
+    r.add_argument("--input", required=True, help=".npy file, or FILE.h5:/DATASET (needs an .h5 --output)")
+    r.add_argument("--output", help=".npz: whole array at once; .h5: streamed in batches, resumable")
+    r.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per batch of a streamed run")
+    r.add_argument("--scheduler", metavar="ADDRESS", help="dask.distributed scheduler: workers compute the "
+                   "streamed run (they need the model and input at the same paths)")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("verify", help="check every node against the file's stored references")
@@ -159,12 +220,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="graph summary: nodes, shapes, params")
     i.add_argument("model")
+    i.add_argument("--spectrum", metavar="PNG", help="plot each conv/linear layer's cumulative "
+                   "singular-value energy vs M, break-even M marked (needs matplotlib)")
     i.set_defaults(func=cmd_inspect)
 
-    k = sub.add_parser("count", help="MACs, params and bytes per node")
+    b = sub.add_parser("compress", help="dense model file -> BasisConv or tensor-train model file "
+                       "(NumPy; no torch)")
+    b.add_argument("model")
+    how = b.add_mutually_exclusive_group(required=True)
+    how.add_argument("--energy", type=float, help="keep this fraction of each layer's energy, e.g. 0.95")
+    how.add_argument("--rank", type=int, help="M basis filters per group in every layer")
+    how.add_argument("--mac-budget", type=float, help="fraction of the dense conv/linear MACs")
+    how.add_argument("--tt", action="store_true", help="tensor-train instead: TT-conv / TT-FC by "
+                     "TT-SVD, every layer where it saves parameters (--max-rank and/or --eps)")
+    tt = b.add_argument_group("tensor-train (with --tt)")
+    tt.add_argument("--max-rank", type=int, help="cap on every TT rank")
+    tt.add_argument("--eps", type=float, help="relative Frobenius error bound per layer, e.g. 0.3")
+    b.add_argument("--force", action="store_true",
+                   help="decompose layers even where the basis form costs more MACs than dense")
+    b.add_argument("-o", "--output", required=True)
+    b.set_defaults(func=cmd_compress)
+
+    k = sub.add_parser("count", help="MACs, other ops, params (stored / learnable) and bytes per "
+                       "node (docs/COUNTING.md)")
     k.add_argument("model")
-    k.add_argument("--input-shape", type=shape_arg, help="default: the stored reference input at batch 1")
-    k.add_argument("--json", action="store_true")
+    k.add_argument("--input-shape", type=shape_arg, action="append",
+                   help="default: the stored reference input at batch 1 (once per input)")
+    k.add_argument("--against", metavar="DENSE_MODEL",
+                   help="reduction factors against this model, per node (matched by name) and total")
+    out = k.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    out.add_argument("--csv", action="store_true", help="one CSV row per node on stdout")
+    k.add_argument("--plot", metavar="PNG", help="bar chart of MACs per layer, vs --against's "
+                   "(needs matplotlib)")
+    k.add_argument("--executed", action="store_true", help="also run the counting kernels and show "
+                   "what they execute; exit 1 if any node differs from its analytic count")
     k.set_defaults(func=cmd_count)
     return p
 
