@@ -1,6 +1,11 @@
 """Load-time lowering of a Graph into a Plan: validate every node, fold BatchNorm into the
 producing conv/linear, fuse a following activation, and order the steps with each tensor freed
 after its last use. A Plan is immutable after construction, so one Plan serves many threads.
+
+Validation is what makes the kernels safe (they do no bounds checks): attribute values as JSON
+can hold them, each op's check_attrs and infer, then for every input shape a run sees: every
+tensor non-empty and within the limits, each kernel's scratch buffers (Op.workspace, where an op
+defines it) too, and what one call holds at once; at load, the ops of a batch-1 run.
 """
 from __future__ import annotations
 
@@ -9,17 +14,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import FormatError, InputError, ShapeMismatch, UnsupportedOpError
+from .errors import FormatError, InputError, LimitError, ShapeMismatch, UnsupportedOpError
 from .format import Limits
 from .graph import Graph, Node
-from .ops import OPS, load_all, numel
+from .ops import OPS, load_all, mismatch, numel
 from .ops.activation import apply_act
 
 load_all()
 
 # ops whose output channel is axis 0 of the named weight and that take an optional "bias":
 # a following eval BatchNorm folds into them
-BN_FOLDABLE = {"conv2d": "weight", "linear": "weight"}
+BN_FOLDABLE = {"conv2d": "weight", "linear": "weight", "basis_conv2d": "combine", "basis_linear": "combine"}
 # activation op -> the `act` tuple apply_act understands
 FUSABLE_ACTS = {
     "relu": lambda n: ("relu",),
@@ -31,6 +36,8 @@ FUSABLE_ACTS = {
     "hardswish": lambda n: ("hardswish",),
 }
 ACT_TARGETS = set(BN_FOLDABLE)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_ATTR_DEPTH = 8
 
 
 def validate(graph: Graph, limits: Limits) -> dict[str, tuple[int, ...]]:
@@ -52,26 +59,74 @@ def validate(graph: Graph, limits: Limits) -> dict[str, tuple[int, ...]]:
         if missing or extra:
             raise FormatError(f"node '{n.name}' ({n.op}): weights expected {list(op.weights)} "
                               f"(+ optional {list(op.optional_weights)}), got {list(n.weights)}")
+        for key, value in n.attrs.items():
+            _check_value(n, key, value, 0)
         op.check_attrs(n)
     try:
         shapes = infer_shapes(graph, {t.name: tuple(1 if s is None else s for s in t.shape)
                                       for t in graph.inputs}, limits)
     except ShapeMismatch as e:
         raise FormatError(str(e)) from None
+    ops = 0
+    for n in graph.nodes:
+        cost = OPS[n.op].cost(n, [shapes[i] for i in n.inputs], shapes[n.name])
+        ops += cost.macs + cost.other
+        if ops > limits.max_ops:
+            raise LimitError(f"node '{n.name}' ({n.op}): a batch-1 run needs more than max_ops "
+                             f"{limits.max_ops} operations by this node")
     return shapes
+
+
+def _check_value(node: Node, key: str, value, depth: int) -> None:
+    """Attribute values as JSON holds them: ints within int64, finite floats within float32's
+    range, nesting at most MAX_ATTR_DEPTH deep (the ops check types and ranges)."""
+    bad = None
+    if depth > MAX_ATTR_DEPTH:
+        bad = f"nested more than {MAX_ATTR_DEPTH} deep"
+    elif isinstance(value, (list, tuple, dict)):
+        for v in value.values() if isinstance(value, dict) else value:
+            _check_value(node, key, v, depth + 1)
+    elif isinstance(value, (bool, np.bool_)) or value is None or isinstance(value, str):
+        pass
+    elif isinstance(value, (int, np.integer)):
+        if not -(1 << 63) <= value < 1 << 63:
+            bad = f"holds {value}, beyond int64"
+    elif isinstance(value, (float, np.floating)):
+        if not abs(value) <= FLOAT32_MAX:
+            bad = f"holds {value}, not a finite float32 value"
+    else:
+        bad = f"holds a {type(value).__name__}, not a JSON value"
+    if bad:
+        raise FormatError(f"node '{node.name}' ({node.op}): attribute '{key}' {bad}")
 
 
 def infer_shapes(graph: Graph, input_shapes: dict[str, tuple], limits: Limits) -> dict[str, tuple]:
-    """Every tensor's shape for these input shapes (raises ShapeMismatch)."""
-    from .errors import LimitError
-    shapes = dict(input_shapes)
+    """Every tensor's shape for these input shapes. Raises ShapeMismatch (a node rejects its
+    inputs, or a tensor is empty) or LimitError (a tensor's rank or size, or a node's scratch
+    buffers, over the limits)."""
+    shapes = {}
+    for name, shape in input_shapes.items():
+        shapes[name] = _tensor(f"input '{name}'", tuple(int(s) for s in shape), limits)
     for n in graph.nodes:
-        out = tuple(int(s) for s in OPS[n.op].infer(n, [shapes[i] for i in n.inputs]))
-        if numel(out) > limits.max_activation_elements:
-            raise LimitError(f"node '{n.name}' ({n.op}): output {out} has more than "
+        op = OPS[n.op]
+        ins = [shapes[i] for i in n.inputs]
+        out = tuple(int(s) for s in op.infer(n, ins))
+        if min(out, default=1) < 1:
+            raise mismatch(n, f"empty output {out} for input(s) {ins}")
+        shapes[n.name] = _tensor(f"node '{n.name}' ({n.op})", out, limits)
+        workspace = getattr(op, "workspace", None)
+        if workspace is not None and workspace(n, ins, out) > limits.max_activation_elements:
+            raise LimitError(f"node '{n.name}' ({n.op}): scratch buffers for input(s) {ins} exceed "
                              f"max_activation_elements {limits.max_activation_elements}")
-        shapes[n.name] = out
     return shapes
+
+
+def _tensor(where: str, shape: tuple, limits: Limits) -> tuple:
+    """`shape`, unless its rank or element count is over the limits (LimitError)."""
+    if len(shape) > limits.max_dims or numel(shape) > limits.max_activation_elements:
+        raise LimitError(f"{where}: shape {shape} over limits (max_dims {limits.max_dims}, "
+                         f"max_activation_elements {limits.max_activation_elements})")
+    return shape
 
 
 @dataclass(frozen=True)
@@ -90,24 +145,60 @@ class Plan:
         self.limits = limits or Limits()
         self.shapes = validate(graph, self.limits)      # batch-1 shapes, for inspect/count
         self.steps = _lower(graph, self.shapes, fuse)
-        self._checked: dict[tuple, dict] = {}
+        self._checked: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
+        self._check({t.name: self.shapes[t.name] for t in graph.inputs}, keep_all=False)
 
-    def check_inputs(self, xs: dict[str, np.ndarray]) -> dict[str, tuple]:
-        """Shapes of every tensor for these inputs; InputError if any node rejects them."""
-        key = tuple(x.shape for x in xs.values())
-        shapes = self._checked.get(key)
-        if shapes is None:
+    def check_inputs(self, xs: dict[str, np.ndarray], keep_all: bool = False) -> dict[str, tuple]:
+        """Shapes of every tensor for these inputs (arrays, or anything with a .shape). InputError
+        if a node rejects them; LimitError if a call would hold too much at once: the fused
+        plan's peak, or with keep_all every tensor (Model.activations)."""
+        return self._check({k: tuple(x.shape) for k, x in xs.items()}, keep_all)
+
+    def _check(self, input_shapes: dict[str, tuple], keep_all: bool) -> dict[str, tuple]:
+        key = tuple(input_shapes.values())
+        hit = self._checked.get(key)
+        if hit is None:
             try:
-                shapes = infer_shapes(self.graph, {k: x.shape for k, x in xs.items()}, self.limits)
+                shapes = infer_shapes(self.graph, input_shapes, self.limits)
             except ShapeMismatch as e:
-                got = ", ".join(f"'{k}' {x.shape}" for k, x in xs.items())
+                got = ", ".join(f"'{k}' {s}" for k, s in input_shapes.items())
                 raise InputError(f"input shape(s) {got} do not fit the model: {e}") from None
+            hit = (shapes, self.peak_elements(shapes), sum(map(numel, shapes.values())))
             with self._lock:
                 if len(self._checked) > 64:
                     self._checked.clear()
-                self._checked[key] = shapes
+                self._checked[key] = hit
+        shapes, peak, total = hit
+        held = total if keep_all else peak
+        if held > self.limits.max_live_elements:
+            raise LimitError(f"a call on input(s) {list(key)} would hold {held} values at once"
+                             f"{' (every node kept)' if keep_all else ''}, over max_live_elements "
+                             f"{self.limits.max_live_elements}")
         return shapes
+
+    def peak_elements(self, shapes: dict[str, tuple]) -> int:
+        """Most values alive at once while the fused steps run (inputs and outputs included).
+        A view op's output (Op.view) lives in its input's buffer, freed with the last tensor
+        in it; kernels' scratch buffers are not included."""
+        buffer = {t.name: t.name for t in self.graph.inputs}   # live tensor -> its buffer
+        size = {t.name: numel(shapes[t.name]) for t in self.graph.inputs}  # buffer -> values
+        tensors = dict.fromkeys(size, 1)                        # buffer -> live tensors in it
+        held = peak = sum(size.values())
+        for step in self.steps:
+            b = buffer[step.node.inputs[0]] if OPS[step.node.op].view else step.output
+            if b not in size:
+                size[b] = numel(shapes[step.output])
+                held += size[b]
+                peak = max(peak, held)
+            buffer[step.output] = b
+            tensors[b] = tensors.get(b, 0) + 1
+            for t in step.frees:
+                b = buffer.pop(t)
+                tensors[b] -= 1
+                if not tensors[b]:
+                    held -= size.pop(b)
+        return peak
 
     def run(self, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the fused steps; returns the graph outputs by node name."""

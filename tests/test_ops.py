@@ -36,13 +36,17 @@ def node(op, attrs=None, weights=None, n_inputs=1):
 
 
 def check(op, attrs, xs, want, weights=None):
-    """check_attrs and infer pass, and reference and run both match want, inputs untouched."""
+    """check_attrs and infer pass; reference, run and the counting kernel all match want, inputs
+    untouched; the counting kernel executes what cost counts."""
     n = node(op, attrs, weights, len(xs))
     OPS[op].check_attrs(n)
     assert OPS[op].infer(n, [x.shape for x in xs]) == tuple(want.shape)
     before = [x.copy() for x in xs]
     for kernel in (OPS[op].reference, OPS[op].run):
         assert_close_rel(kernel(n, *xs), want)
+    out, executed = OPS[op].counted(n, *xs)
+    assert_close_rel(out, want)
+    assert executed == OPS[op].cost(n, [x.shape for x in xs], tuple(want.shape))
     for x, b in zip(xs, before):
         np.testing.assert_array_equal(x, b)
 
@@ -191,7 +195,8 @@ def test_max_pool2d_nan():
                             "dilation": [1, 1], "ceil_mode": False})
     want = np.isnan(F.max_pool2d(t(x), 3, 1, 1).numpy())
     assert want.sum() == 9
-    for kernel in (OPS["max_pool2d"].reference, OPS["max_pool2d"].run):
+    for kernel in (OPS["max_pool2d"].reference, OPS["max_pool2d"].run,
+                   lambda n, x: OPS["max_pool2d"].counted(n, x)[0]):
         np.testing.assert_array_equal(np.isnan(kernel(n, x)), want)
 
 
@@ -392,14 +397,15 @@ def test_cost_others():
     assert cost("linear", {}, lin, [(3, 4, 10)]) == Cost(macs=12 * 10 * 5, other=12 * 5)
     assert cost("max_pool2d", edit(MAXP, kernel=[2, 2], padding=[0, 0]), {}, [(1, 8, 4, 4)]) == \
         Cost(other=8 * 2 * 2 * 4)
-    assert cost("avg_pool2d", AVGP, {}, [(1, 2, 5, 5)]) == Cost(other=2 * 3 * 3 * 9)
+    # windows 5 -> 3 cut to the input: [0,2) [1,4) [3,5), 7 taps per axis; + 1 divide per output
+    assert cost("avg_pool2d", AVGP, {}, [(1, 2, 5, 5)]) == Cost(other=2 * 7 * 7 + 2 * 9)
     # windows 7 -> 3: [0,3) [2,5) [4,7); 5 -> 2: [0,3) [2,5)
     assert cost("adaptive_avg_pool2d", {"output_size": [3, 2]}, {}, [(1, 2, 7, 5)]) == \
-        Cost(other=2 * 9 * 6)
+        Cost(other=2 * 9 * 6 + 2 * 6)
     assert cost("batch_norm", {"eps": 1e-5}, BN, [(2, 4, 3, 3)]) == Cost(other=72)
     assert cost("relu", {}, {}, [(1, 3, 4, 4)]) == Cost(other=48)
     assert cost("softmax", {"axis": 1}, {}, [(2, 10)]) == Cost(other=80)
-    assert cost("mean", {"dims": [2, 3], "keepdim": False}, {}, [(1, 3, 4, 4)]) == Cost(other=48)
+    assert cost("mean", {"dims": [2, 3], "keepdim": False}, {}, [(1, 3, 4, 4)]) == Cost(other=48 + 3)
     assert cost("add", {}, {}, [(2, 3, 4), (3, 1)]) == Cost(other=24)
     assert cost("reshape", {"shape": [-1]}, {}, [(2, 3)]) == Cost()
 

@@ -1,5 +1,6 @@
 """Op registry. One module per op family; each op holds its shape check, its plain NumPy
-reference kernel, its fast kernel and its operation count together.
+reference kernel, its fast kernel, its operation count (`cost`, from shapes) and its counting
+kernel (`counted`, which counts what it executes) together. Counting rules: docs/COUNTING.md.
 
 An op is an `Op` subclass instance registered under its file-format name with `@register`.
 """
@@ -20,11 +21,14 @@ class Cost:
     """Operations one node executes for one call, by kind (never mixed).
 
     macs:  multiply-accumulates of conv / linear / basis / TT contractions (1 MAC = 1 mul + 1 add).
-    other: everything else, one per output element op: bias adds, BN, activations, pooling
-           compares/adds, elementwise add/mul, softmax terms.
+    other: everything else, one per element operation: bias adds, BN, activations, pooling
+           compares / adds / divides, elementwise add / mul, softmax terms (docs/COUNTING.md).
     """
     macs: int = 0
     other: int = 0
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(self.macs + o.macs, self.other + o.other)
 
 
 class Op:
@@ -34,6 +38,7 @@ class Op:
     weights: tuple[str, ...] = ()           # required weight names
     optional_weights: tuple[str, ...] = ()  # weights that may be absent (e.g. "bias")
     fixed_weights: tuple[str, ...] = ()     # stored but not learnable (BN statistics, a fixed basis)
+    view: bool = False                      # the output is a view of input 0 (no buffer of its own)
 
     # --- validation -----------------------------------------------------------------------
     def check_attrs(self, node: Node) -> None:
@@ -58,7 +63,19 @@ class Op:
 
     # --- counting -------------------------------------------------------------------------
     def cost(self, node: Node, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> Cost:
+        """Operations of one call, from the shapes alone (the analytic count)."""
         return Cost()
+
+    def counted(self, node: Node, *xs: np.ndarray) -> tuple[np.ndarray, Cost]:
+        """(output, operations executed): a counting kernel that computes the reference's output
+        and counts what it executes as it runs (MACs one by one in a loop kernel; other ops from
+        the arrays it processes), so that `cost` can be checked against an execution."""
+        raise NotImplementedError(f"op '{self.name}' has no counting kernel")
+
+    def count_details(self, node: Node, in_shapes: list[tuple[int, ...]],
+                      out_shape: tuple[int, ...]) -> dict:
+        """Extra per-op fields of a count row (e.g. a basis layer's rank and break-even rank)."""
+        return {}
 
 
 def register(cls):
@@ -106,6 +123,12 @@ def numel(shape) -> int:
     return n
 
 
+def per_output_element(op: Op, node: Node, *xs: np.ndarray) -> tuple[np.ndarray, Cost]:
+    """Op.counted of an elementwise op: its reference output, one other op per element of it."""
+    y = op.reference(node, *xs)
+    return y, Cost(other=y.size)
+
+
 def load_all() -> None:
     """Import every op family so that OPS is complete."""
-    from . import activation, conv, elementwise, linear, norm, pool, shape  # noqa: F401
+    from . import activation, basis, conv, elementwise, linear, norm, pool, shape, tt  # noqa: F401

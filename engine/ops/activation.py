@@ -5,15 +5,16 @@ after their bias add, and the activation ops apply it to a copy of their input, 
 unfused results are identical. An activation op's `act(node)` gives its fusion tuple.
 
 Fast path: NumPy ufuncs are already vectorised, so run = reference for every op here.
-Cost: other = 1 per output element for relu, clip, leaky_relu, prelu, sigmoid, tanh, silu and
-hardswish; 4 per element for softmax / log_softmax (max, subtract + exp, sum, divide or
-subtract log).
+Cost and counted: other = 1 per output element for relu, clip, leaky_relu, prelu, sigmoid, tanh,
+silu and hardswish (one function evaluation, whatever its inner arithmetic); 4 per element for
+softmax / log_softmax (max compare, exp of the shifted value, sum add, divide or subtract the log
+of the sum), plus log_softmax's one log per reduced row.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import Cost, Op, attr, mismatch, numel, register
+from . import Cost, Op, attr, mismatch, numel, per_output_element, register
 from .shape import check_axis, int_min
 
 
@@ -66,6 +67,9 @@ class _Act(Op):
 
     def cost(self, node, in_shapes, out_shape):
         return Cost(other=numel(out_shape))
+
+    def counted(self, node, x):
+        return per_output_element(self, node, x)
 
 
 @register
@@ -133,9 +137,13 @@ class Prelu(Op):
     def cost(self, node, in_shapes, out_shape):
         return Cost(other=numel(out_shape))
 
+    def counted(self, node, x):
+        return per_output_element(self, node, x)
+
 
 class _Softmax(Op):
     """Softmax family over attribute `axis`, shifted by the max for stability."""
+    per_row = 0                                             # ops once per reduced row
 
     def check_attrs(self, node):
         int_min(node, "axis", 0)
@@ -146,7 +154,13 @@ class _Softmax(Op):
         return x
 
     def cost(self, node, in_shapes, out_shape):
-        return Cost(other=4 * numel(out_shape))
+        n = numel(out_shape)
+        return Cost(other=4 * n + self.per_row * n // out_shape[node.attrs["axis"]])
+
+    def counted(self, node, x):
+        """4 passes over the elements of x, per_row ops for each of its rows along the axis."""
+        rows = x.size // x.shape[node.attrs["axis"]]
+        return self.reference(node, x), Cost(other=4 * x.size + self.per_row * rows)
 
 
 @register
@@ -163,6 +177,7 @@ class Softmax(_Softmax):
 @register
 class LogSoftmax(_Softmax):
     name = "log_softmax"
+    per_row = 1                                             # the log of each row's sum
 
     def reference(self, node, x):
         axis = node.attrs["axis"]

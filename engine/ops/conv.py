@@ -12,6 +12,8 @@ Fast path `conv2d_fast` (bias add and fused activation applied in place at the e
   - otherwise, per image: `_im2col` (Numba prange over column-matrix rows) from the input padded
     once per call, then one BLAS sgemm per group outside prange.
 Cost: macs = B*N*H'*W'*(C/G)*kh*kw; other = B*N*H'*W' (the bias add) when there is a bias.
+Counted (`conv2d_counted`, also the MAC kernel of linear, basis and TT): `_conv_counted`, direct
+loops over every (b, n, oy, ox, c, i, j) tap of the padded input, taps reading padding included.
 """
 from __future__ import annotations
 
@@ -152,6 +154,43 @@ def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode
     return out
 
 
+@njit(cache=True)
+def _conv_counted(xp, w, groups, sh, sw, dh, dw, out):
+    """out[b, n, oy, ox] = sum over (c, i, j) of w[n, c, i, j] * xp[b, g*C/G + c, oy*sh + i*dh,
+    ox*sw + j*dw], g the group of n: plain loops over the padded input xp, one count per
+    multiply-add performed. Returns the count."""
+    B, N, ho, wo = out.shape
+    Cg, kh, kw = w.shape[1], w.shape[2], w.shape[3]
+    Ng = N // groups
+    macs = 0
+    for b in range(B):
+        for n in range(N):
+            c0 = (n // Ng) * Cg
+            for oy in range(ho):
+                for ox in range(wo):
+                    acc = 0.0
+                    for c in range(Cg):
+                        for i in range(kh):
+                            for j in range(kw):
+                                acc += w[n, c, i, j] * xp[b, c0 + c, oy * sh + i * dh, ox * sw + j * dw]
+                                macs += 1
+                    out[b, n, oy, ox] = acc
+    return macs
+
+
+def conv2d_counted(x, weight, bias, stride, padding, dilation, groups, padding_mode):
+    """(conv2d output, Cost executed): MACs counted by `_conv_counted`, one bias add per output
+    element when there is a bias. Arguments as conv2d_fast; shapes must have passed infer."""
+    B, C, H, W = x.shape
+    N, _, kh, kw = weight.shape
+    out = np.empty((B, N) + conv_out_hw(H, W, kh, kw, stride, padding, dilation), np.float32)
+    macs = _conv_counted(pad2d(x, padding, padding_mode), weight, groups, *stride, *dilation, out)
+    if bias is None:
+        return out, Cost(macs=macs)
+    out += bias[:, None, None]
+    return out, Cost(macs=macs, other=out.size)
+
+
 @register
 class Conv2d(Op):
     name = "conv2d"
@@ -226,3 +265,8 @@ class Conv2d(Op):
         _, Cg, kh, kw = node.weights["weight"].shape
         return Cost(macs=numel(out_shape) * Cg * kh * kw,
                     other=numel(out_shape) if "bias" in node.weights else 0)
+
+    def counted(self, node, x):
+        a = node.attrs
+        return conv2d_counted(x, node.weights["weight"], node.weights.get("bias"), a["stride"],
+                              a["padding"], a["dilation"], a["groups"], a["padding_mode"])

@@ -1,14 +1,14 @@
 """add, mul: two inputs with NumPy (= PyTorch) broadcasting, or one input and attribute scalar.
 
 NumPy ufuncs are the fast path (run = reference).
-Cost: other = 1 per output element.
+Cost and counted: other = 1 per output element (broadcasting included).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import FormatError
-from . import Cost, Op, attr, mismatch, numel, register
+from . import Cost, Op, attr, mismatch, numel, per_output_element, register
 
 
 class _Binary(Op):
@@ -36,6 +36,9 @@ class _Binary(Op):
 
     def cost(self, node, in_shapes, out_shape):
         return Cost(other=numel(out_shape))
+
+    def counted(self, node, *xs):
+        return per_output_element(self, node, *xs)
 
 
 @register

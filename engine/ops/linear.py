@@ -4,6 +4,7 @@ Fast path `linear_fast`: one BLAS sgemm on x viewed as (rows, in) against the tr
 view (no copy), then bias add and fused activation in place.
 Cost: macs = rows*in*out (rows = product of the leading dims); other = rows*out (the bias add)
 when there is a bias.
+Counted: `linear_counted`, the counting conv kernel on x viewed as (rows, in, 1, 1).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from . import Cost, Op, mismatch, numel, register
 from .activation import apply_act
-from .conv import check_weight
+from .conv import check_weight, conv2d_counted
 
 
 def linear_fast(x, weight, bias, act=None):
@@ -22,6 +23,15 @@ def linear_fast(x, weight, bias, act=None):
     if act is not None:
         apply_act(y, act)
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def linear_counted(x, weight, bias):
+    """(linear output, Cost executed): x (..., in) as a batch of 1x1 images through the counting
+    conv kernel, so every row x output x input multiply-add is counted once."""
+    out, inp = weight.shape
+    y, cost = conv2d_counted(x.reshape(-1, inp, 1, 1), weight.reshape(out, inp, 1, 1), bias,
+                             (1, 1), (0, 0, 0, 0), (1, 1), 1, "zeros")
+    return y.reshape(x.shape[:-1] + (out,)), cost
 
 
 @register
@@ -54,3 +64,6 @@ class Linear(Op):
         out, inp = node.weights["weight"].shape
         rows = numel(out_shape[:-1])
         return Cost(macs=rows * inp * out, other=rows * out if "bias" in node.weights else 0)
+
+    def counted(self, node, x):
+        return linear_counted(x, node.weights["weight"], node.weights.get("bias"))

@@ -2,14 +2,14 @@
 
 Computed as torch does, x * alpha + beta with per-channel alpha = weight / sqrt(var + eps) and
 beta = bias - mean * alpha. NumPy is the fast path (run = reference).
-Cost: other = 1 per output element.
+Cost and counted: other = 1 per output element (x * alpha + beta as one op).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import FormatError
-from . import Cost, Op, attr, mismatch, numel, register
+from . import Cost, Op, attr, mismatch, numel, per_output_element, register
 from .conv import check_weight
 
 
@@ -17,6 +17,7 @@ from .conv import check_weight
 class BatchNorm(Op):
     name = "batch_norm"
     weights = ("weight", "bias", "running_mean", "running_var")
+    fixed_weights = ("running_mean", "running_var")    # statistics, not trained by gradient
 
     def check_attrs(self, node):
         if attr(node, "eps", float) < 0:
@@ -40,3 +41,6 @@ class BatchNorm(Op):
 
     def cost(self, node, in_shapes, out_shape):
         return Cost(other=numel(out_shape))
+
+    def counted(self, node, x):
+        return per_output_element(self, node, x)

@@ -3,9 +3,13 @@
 Fast paths: max_pool2d and avg_pool2d share one Numba kernel (_pool2d) with one prange task
 per (image, channel) plane; adaptive_avg_pool2d and mean are O(input) NumPy already
 (run = reference).
-Cost (other): max_pool2d and avg_pool2d kh*kw per output element (the full window);
-adaptive_avg_pool2d the exact number of input elements summed over all windows; mean one per
-input element.
+Cost (other), counting the input elements each window really reads (taps over padding or past
+the input read nothing: unlike conv2d's, they are skipped, by the fast kernel too):
+max_pool2d one compare per in-bounds tap; avg_pool2d and adaptive_avg_pool2d one add per
+in-bounds tap plus one divide per output element; mean one add per input element plus one
+divide per output element.
+Counted: `_max_pool_counted` and `_box_sums_counted`, loop kernels counting each tap they read;
+mean from the arrays it reduces.
 """
 from __future__ import annotations
 
@@ -28,6 +32,44 @@ def _box_means(x, y0, y1, x0, x1, div):
     y0, y1, x0, x1 = y0[:, None], y1[:, None], x0[None, :], x1[None, :]
     sums = S[:, :, y1, x1] - S[:, :, y0, x1] - S[:, :, y1, x0] + S[:, :, y0, x0]
     return (sums / div).astype(np.float32, order="C")
+
+
+@njit(cache=True)
+def _box_sums_counted(x, y0, y1, x0, x1, out):
+    """out[p, i, j] = sum of x[p, y0[i]:y1[i], x0[j]:x1[j]] over planes x (P, H, W): plain loops,
+    one count per element added. Returns the count."""
+    adds = 0
+    for p in range(x.shape[0]):
+        for i in range(y0.size):
+            for j in range(x0.size):
+                acc = 0.0
+                for yy in range(y0[i], y1[i]):
+                    for xx in range(x0[j], x1[j]):
+                        acc += x[p, yy, xx]
+                        adds += 1
+                out[p, i, j] = acc
+    return adds
+
+
+def _box_means_counted(x, y0, y1, x0, x1, div) -> tuple[np.ndarray, Cost]:
+    """_box_means by the counting kernel: (output, Cost of the adds and the divides executed)."""
+    B, C, H, W = x.shape
+    sums = np.empty((B * C, y0.size, x0.size))  # float64, as _box_means
+    adds = _box_sums_counted(x.reshape(B * C, H, W), y0, y1, x0, x1, sums)
+    y = (sums / div).astype(np.float32).reshape(B, C, y0.size, x0.size)
+    return y, Cost(other=adds + y.size)
+
+
+def _box_cost(x_shape, y0, y1, x0, x1) -> Cost:
+    """Cost of _box_means: one add per element of every window, one divide per output."""
+    B, C = x_shape[:2]
+    return Cost(other=int(B * C * ((y1 - y0).sum() * (x1 - x0).sum() + y0.size * x0.size)))
+
+
+def _taps_in_bounds(n_out: int, size: int, k: int, s: int, p: int, d: int) -> int:
+    """Taps of all n_out windows along one axis that land inside [0, size)."""
+    pos = np.arange(n_out)[:, None] * s - p + np.arange(k)[None, :] * d
+    return int(((pos >= 0) & (pos < size)).sum())
 
 
 class _Pool2d(Op):
@@ -61,10 +103,6 @@ class _Pool2d(Op):
             raise mismatch(node, f"expected an input larger than the kernel, got {x}: "
                                  f"output {ho}x{wo}")
         return x[:2] + (ho, wo)
-
-    def cost(self, node, in_shapes, out_shape):
-        kh, kw = node.attrs["kernel"]
-        return Cost(other=numel(out_shape) * kh * kw)
 
 
 @njit(cache=True, inline="always")
@@ -157,6 +195,42 @@ class MaxPool2d(_Pool2d):
     def run(self, node, x):
         return _run_pool(x, self.geometry(node, x.shape), 0)
 
+    def cost(self, node, in_shapes, out_shape):
+        B, C, H, W = in_shapes[0]
+        ho, wo, kh, kw, sh, sw, ph, pw, dh, dw = self.geometry(node, in_shapes[0])
+        return Cost(other=B * C * _taps_in_bounds(ho, H, kh, sh, ph, dh)
+                    * _taps_in_bounds(wo, W, kw, sw, pw, dw))
+
+    def counted(self, node, x):
+        ho, wo, kh, kw, sh, sw, ph, pw, dh, dw = self.geometry(node, x.shape)
+        B, C, H, W = x.shape
+        out = np.empty((B, C, ho, wo), np.float32)
+        taps = _max_pool_counted(x.reshape(B * C, H, W), kh, kw, sh, sw, ph, pw, dh, dw,
+                                 out.reshape(B * C, ho, wo))
+        return out, Cost(other=taps)
+
+
+@njit(cache=True)
+def _max_pool_counted(x, kh, kw, sh, sw, ph, pw, dh, dw, out):
+    """Max over the in-bounds taps of every window of planes x (P, H, W) into out (P, H', W'),
+    NaN propagating: plain loops, one count per tap compared. Returns the count."""
+    P, H, W = x.shape
+    taps = 0
+    for p in range(P):
+        for oy in range(out.shape[1]):
+            for ox in range(out.shape[2]):
+                m = -np.inf
+                for i in range(kh):
+                    iy = oy * sh - ph + i * dh
+                    if 0 <= iy < H:
+                        for j in range(kw):
+                            ix = ox * sw - pw + j * dw
+                            if 0 <= ix < W:
+                                m = np.maximum(m, x[p, iy, ix])
+                                taps += 1
+                out[p, oy, ox] = m
+    return taps
+
 
 def _avg_windows(n_out, size, k, s, p):
     """(lo, hi, padded) per-axis window bounds of avg_pool2d, as torch: window [start, start + k)
@@ -178,9 +252,11 @@ class AvgPool2d(_Pool2d):
         if node.attrs.get("divisor_override") is not None:
             int_min(node, "divisor_override", 1)
 
-    def reference(self, node, x):
-        ho, wo, kh, kw, sh, sw, ph, pw = self.geometry(node, x.shape)[:8]
-        H, W = x.shape[2:]
+    def box(self, node, shape):
+        """(y0, y1, x0, x1, div): the windows cut to the input, [y0[i], y1[i]) x [x0[j], x1[j]),
+        and the divisor (an int, or one per output position)."""
+        ho, wo, kh, kw, sh, sw, ph, pw = self.geometry(node, shape)[:8]
+        H, W = shape[2:]
         y0, y1, ny = _avg_windows(ho, H, kh, sh, ph)
         x0, x1, nx = _avg_windows(wo, W, kw, sw, pw)
         if node.attrs.get("divisor_override") is not None:
@@ -189,7 +265,16 @@ class AvgPool2d(_Pool2d):
             div = np.outer(ny, nx)
         else:
             div = np.outer(y1 - y0, x1 - x0)
-        return _box_means(x, y0, y1, x0, x1, div)
+        return y0, y1, x0, x1, div
+
+    def reference(self, node, x):
+        return _box_means(x, *self.box(node, x.shape))
+
+    def counted(self, node, x):
+        return _box_means_counted(x, *self.box(node, x.shape))
+
+    def cost(self, node, in_shapes, out_shape):
+        return _box_cost(in_shapes[0], *self.box(node, in_shapes[0])[:4])
 
     def run(self, node, x):
         return _run_pool(x, self.geometry(node, x.shape), 1, int(node.attrs["count_include_pad"]),
@@ -219,15 +304,20 @@ class AdaptiveAvgPool2d(Op):
         i = np.arange(n_out)
         return i * size // n_out, -(-(i + 1) * size // n_out)
 
+    def box(self, node, shape):
+        """(y0, y1, x0, x1, div) as AvgPool2d.box: the windows, divided by their sizes."""
+        ho, wo = self.infer(node, [shape])[2:]
+        (y0, y1), (x0, x1) = self.windows(ho, shape[2]), self.windows(wo, shape[3])
+        return y0, y1, x0, x1, np.outer(y1 - y0, x1 - x0)
+
     def reference(self, node, x):
-        ho, wo = self.infer(node, [x.shape])[2:]
-        (y0, y1), (x0, x1) = self.windows(ho, x.shape[2]), self.windows(wo, x.shape[3])
-        return _box_means(x, y0, y1, x0, x1, np.outer(y1 - y0, x1 - x0))
+        return _box_means(x, *self.box(node, x.shape))
+
+    def counted(self, node, x):
+        return _box_means_counted(x, *self.box(node, x.shape))
 
     def cost(self, node, in_shapes, out_shape):
-        B, C, H, W = in_shapes[0]
-        (y0, y1), (x0, x1) = self.windows(out_shape[2], H), self.windows(out_shape[3], W)
-        return Cost(other=int(B * C * (y1 - y0).sum() * (x1 - x0).sum()))
+        return _box_cost(in_shapes[0], *self.box(node, in_shapes[0])[:4])
 
 
 @register
@@ -254,4 +344,9 @@ class Mean(Op):
                                   keepdims=node.attrs["keepdim"], dtype=np.float32))
 
     def cost(self, node, in_shapes, out_shape):
-        return Cost(other=numel(in_shapes[0]))
+        return Cost(other=numel(in_shapes[0]) + numel(out_shape))
+
+    def counted(self, node, x):
+        """One add per element of x, one divide per element of the result."""
+        y = self.reference(node, x)
+        return y, Cost(other=x.size + y.size)

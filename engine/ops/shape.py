@@ -1,8 +1,8 @@
 """Shape ops: flatten, reshape, permute, concat, identity.
 
 They only move data, so NumPy is the fast path (run = reference). flatten, reshape and identity
-return views of their input (no copy); permute and concat return new C-contiguous arrays.
-Cost: none of them counts any operation (Cost() = 0, data movement only).
+return views of their input (no copy, Op.view); permute and concat return new C-contiguous arrays.
+Cost and counted: none of them counts any operation (Cost() = 0, data movement only).
 
 Also `ints`, `int_min` (int attribute readers) and `check_axis`, shared by the op modules.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from . import Op, attr, mismatch, numel, register
+from . import Cost, Op, attr, mismatch, numel, register
 
 
 def ints(node, key: str, minimum: int, length: int | None = None) -> list[int]:
@@ -41,9 +41,17 @@ def check_axis(node, shape, key: str, value: int) -> None:
                              f"for input {shape}")
 
 
+class _Move(Op):
+    """A data-movement op: its counting kernel is the reference, executing no operation."""
+
+    def counted(self, node, *xs):
+        return self.reference(node, *xs), Cost()
+
+
 @register
-class Flatten(Op):
+class Flatten(_Move):
     name = "flatten"
+    view = True
 
     def check_attrs(self, node):
         s, e = int_min(node, "start_dim", 0), int_min(node, "end_dim", 0)
@@ -62,8 +70,9 @@ class Flatten(Op):
 
 
 @register
-class Reshape(Op):
+class Reshape(_Move):
     name = "reshape"
+    view = True
 
     def check_attrs(self, node):
         shape = ints(node, "shape", -1)
@@ -93,7 +102,7 @@ class Reshape(Op):
 
 
 @register
-class Permute(Op):
+class Permute(_Move):
     name = "permute"
 
     def check_attrs(self, node):
@@ -115,7 +124,7 @@ class Permute(Op):
 
 
 @register
-class Concat(Op):
+class Concat(_Move):
     name = "concat"
     n_inputs = None
 
@@ -138,8 +147,9 @@ class Concat(Op):
 
 
 @register
-class Identity(Op):
+class Identity(_Move):
     name = "identity"
+    view = True
 
     def reference(self, node, x):
         return x
