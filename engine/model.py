@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
-from .errors import InputError
+from .errors import FormatError, InputError
 from .ops import OPS
 from .plan import Plan
 
@@ -20,6 +20,7 @@ class Model:
         self.references = references
         self.path = path
         self.plan = Plan(graph, limits)
+        self._check_references()
 
     # --- running ------------------------------------------------------------------------------
     def __call__(self, x):
@@ -30,8 +31,7 @@ class Model:
         """Every node's output as the file defines it (unfused). kernels: "fast" | "reference"."""
         if kernels not in ("fast", "reference"):
             raise ValueError(f"kernels must be 'fast' or 'reference', got {kernels!r}")
-        env = self._inputs(x)
-        self.plan.check_inputs(env)
+        env = self._inputs(x, keep_all=True)
         acts = {}
         for n in self.graph.nodes:
             op = OPS[n.op]
@@ -39,13 +39,14 @@ class Model:
             acts[n.name] = env[n.name] = run(n, *[env[i] for i in n.inputs])
         return acts
 
-    def _inputs(self, x) -> dict[str, np.ndarray]:
+    def _inputs(self, x, keep_all: bool = False) -> dict[str, np.ndarray]:
+        """The inputs as C-contiguous float32 arrays by name, after every check on their shapes
+        (nothing is converted before: a broadcast view may claim any size)."""
         specs = self.graph.inputs
         xs = x if isinstance(x, (tuple, list)) else (x,)
         if len(xs) != len(specs):
             raise InputError(f"model takes {len(specs)} input(s) ({', '.join(t.name for t in specs)}), "
                              f"got {len(xs)}")
-        out = {}
         for spec, a in zip(specs, xs):
             if not isinstance(a, np.ndarray):
                 raise InputError(f"input '{spec.name}': expected a numpy.ndarray, got {type(a).__name__}")
@@ -54,10 +55,24 @@ class Model:
             if a.ndim != len(spec.shape):
                 raise InputError(f"input '{spec.name}': expected rank {len(spec.shape)} "
                                  f"(shape {_fmt_shape(spec.shape)}), got shape {a.shape}")
-            if a.shape[0] == 0:
-                raise InputError(f"input '{spec.name}': empty batch (shape {a.shape})")
-            out[spec.name] = np.ascontiguousarray(a, dtype=np.float32)
-        return out
+            if a.size == 0:
+                raise InputError(f"input '{spec.name}': empty batch or dimension (shape {a.shape})")
+        self.plan.check_inputs(dict(zip((t.name for t in specs), xs)), keep_all)
+        return {spec.name: np.ascontiguousarray(a, dtype=np.float32) for spec, a in zip(specs, xs)}
+
+    def _check_references(self) -> None:
+        """Each stored run must fit the graph: its inputs taken as a call's, every stored node
+        shaped as the graph makes it; so verify() cannot fail on the file's own data."""
+        for i, run in enumerate(self.references.runs):
+            try:
+                xs = self._inputs(tuple(run.inputs[t.name] for t in self.graph.inputs), keep_all=True)
+            except InputError as e:
+                raise FormatError(f"reference run {i}: {e}") from None
+            shapes = self.plan.check_inputs(xs, keep_all=True)
+            for name, arr in run.nodes.items():
+                if arr.shape != shapes[name]:
+                    raise FormatError(f"reference run {i}: node '{name}' stored with shape {arr.shape}, "
+                                      f"the graph makes {shapes[name]}")
 
     def _pack(self, arrays):
         if self.graph.output_kind == "tensor":

@@ -47,7 +47,7 @@ def edit_graph(path, fn):
         doc = json.loads(f["graph"][()])
         fn(doc)
         del f["graph"]
-        f.create_dataset("graph", data=json.dumps(doc))
+        f.create_dataset("graph", data=np.bytes_(json.dumps(doc)))
     return edit(path, change)
 
 
@@ -104,7 +104,7 @@ def test_bad_graph(good, mutate, error, words):
 def test_graph_not_json(good):
     def garble(f):
         del f["graph"]
-        f.create_dataset("graph", data="{nodes: oops")
+        f.create_dataset("graph", data=np.bytes_("{nodes: oops"))
     with pytest.raises(engine.FormatError, match="JSON"):
         engine.load(edit(good, garble))
 
