@@ -328,7 +328,7 @@ def test_binary_bad_attrs(inputs, attrs):
 # --- shape checks: ShapeMismatch ---------------------------------------------------------------
 
 W8 = {"weight": rand(8, 4, 3, 3), "bias": rand(8)}
-BN = {k: rand(4) for k in ("weight", "bias", "running_mean", "running_var")}
+BN = dict({k: rand(4) for k in ("weight", "bias", "running_mean")}, running_var=np.abs(rand(4)) + 0.5)
 
 BAD_SHAPES = [
     ("conv2d", CONV, W8, [(1, 4, 8)]),

@@ -30,6 +30,8 @@ class BatchNorm(Op):
             raise mismatch(node, f"expected input (B, C, ...), got {x}")
         for name in self.weights:
             check_weight(node, name, (x[1],))
+        if not (node.weights["running_var"] + np.float32(node.attrs["eps"]) > 0).all():
+            raise FormatError(f"node '{node.name}' ({node.op}): running_var + eps must be > 0")
         return x
 
     def reference(self, node, x):

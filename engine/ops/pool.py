@@ -66,10 +66,26 @@ def _box_cost(x_shape, y0, y1, x0, x1) -> Cost:
     return Cost(other=int(B * C * ((y1 - y0).sum() * (x1 - x0).sum() + y0.size * x0.size)))
 
 
+def _tap_ranges(n_out: int, size: int, k: int, s: int, p: int, d: int):
+    """(lo, hi) per output position along one axis: kernel taps lo <= i < hi land inside
+    [0, size) (o*s - p + i*d in range). Vectorised over outputs only, never over taps."""
+    start = np.arange(n_out, dtype=np.int64) * s - p
+    lo = np.clip(-(start // d), 0, k)                       # ceil(-start / d)
+    hi = np.clip((size - 1 - start) // d + 1, 0, k)
+    return lo, np.maximum(hi, lo)
+
+
 def _taps_in_bounds(n_out: int, size: int, k: int, s: int, p: int, d: int) -> int:
     """Taps of all n_out windows along one axis that land inside [0, size)."""
-    pos = np.arange(n_out)[:, None] * s - p + np.arange(k)[None, :] * d
-    return int(((pos >= 0) & (pos < size)).sum())
+    lo, hi = _tap_ranges(n_out, size, k, s, p, d)
+    return int((hi - lo).sum())
+
+
+def _tap_span(n_out: int, size: int, k: int, s: int, p: int, d: int) -> tuple[int, int]:
+    """The kernel taps [lo, hi) that land inside the input for at least one output position:
+    the others read only padding, so kernels skip them (and their time is not bounded by size)."""
+    lo, hi = _tap_ranges(n_out, size, k, s, p, d)
+    return int(lo.min()), int(hi.max())
 
 
 class _Pool2d(Op):
@@ -88,7 +104,7 @@ class _Pool2d(Op):
         """(ho, wo, kh, kw, sh, sw, ph, pw, dh, dw) of this pool on input `shape`."""
         a = node.attrs
         (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        dh, dw = a.get("dilation", [1, 1])
+        dh, dw = a["dilation"] if self.name == "max_pool2d" else (1, 1)
         H, W = shape[2], shape[3]
         ho = out_size(H, kh, sh, ph, ph, dh, a["ceil_mode"])
         wo = out_size(W, kw, sw, pw, pw, dw, a["ceil_mode"])
@@ -116,6 +132,19 @@ def _fold(dst, src, avg):
             dst[q] = np.maximum(dst[q], src[q])
 
 
+@njit(cache=True)
+def _span(n_out, size, k, s, p, d):
+    """_tap_span in Numba: taps [lo, hi) inside the input for some output position."""
+    lo, hi = k, 0
+    for o in range(n_out):
+        start = o * s - p
+        a = min(max(-(start // d), 0), k)
+        b = min(max((size - 1 - start) // d + 1, 0), k)
+        if b > a:
+            lo, hi = min(lo, a), max(hi, b)
+    return lo, max(hi, lo)
+
+
 @njit(cache=True, parallel=True)
 def _pool2d(x, kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor, out):
     """Max (avg = 0) or average (avg = 1) pooling of planes x (P, H, W) into out (P, H', W'),
@@ -127,14 +156,16 @@ def _pool2d(x, kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor, out):
     in-bounds), as in _avg_windows."""
     P, H, W = x.shape
     ho, wo = out.shape[1], out.shape[2]
+    i_lo, i_hi = _span(ho, H, kh, sh, ph, dh)
+    j_lo, j_hi = _span(wo, W, kw, sw, pw, dw)
     for p in prange(P):
         out[p] = 0.0 if avg else -np.inf
-        for j in range(kw):
+        for j in range(j_lo, j_hi):
             off = j * dw - pw  # output column ox reads input column ox*sw + off
             lo = max(0, (sw - 1 - off) // sw)
             hi = min(wo, (W - 1 - off) // sw + 1)
             start = lo * sw + off
-            for i in range(kh):
+            for i in range(i_lo, i_hi):
                 for oy in range(ho):
                     iy = oy * sh - ph + i * dh
                     if iy < 0 or iy >= H:
@@ -187,10 +218,17 @@ class MaxPool2d(_Pool2d):
         right = max(pw, (wo - 1) * sw + dw * (kw - 1) + 1 - W - pw)
         xp = pad2d(x, [ph, pw, bottom, right], value=-np.inf)
         out = np.full((B, C, ho, wo), -np.inf, np.float32)
-        for i in range(kh):
-            for j in range(kw):
+        for i in range(*_tap_span(ho, H, kh, sh, ph, dh)):
+            for j in range(*_tap_span(wo, W, kw, sw, pw, dw)):
                 np.maximum(out, tap(xp, i * dh, j * dw, ho, wo, sh, sw), out=out)
         return out
+
+    def workspace(self, node, in_shapes, out_shape):
+        """The reference's -inf padded input."""
+        ho, wo, kh, kw, sh, sw, ph, pw, dh, dw = self.geometry(node, in_shapes[0])
+        B, C, H, W = in_shapes[0]
+        return B * C * (max(H + 2 * ph, (ho - 1) * sh + dh * (kh - 1) + 1)
+                        * max(W + 2 * pw, (wo - 1) * sw + dw * (kw - 1) + 1))
 
     def run(self, node, x):
         return _run_pool(x, self.geometry(node, x.shape), 0)
@@ -216,14 +254,16 @@ def _max_pool_counted(x, kh, kw, sh, sw, ph, pw, dh, dw, out):
     NaN propagating: plain loops, one count per tap compared. Returns the count."""
     P, H, W = x.shape
     taps = 0
+    i_lo, i_hi = _span(out.shape[1], H, kh, sh, ph, dh)
+    j_lo, j_hi = _span(out.shape[2], W, kw, sw, pw, dw)
     for p in range(P):
         for oy in range(out.shape[1]):
             for ox in range(out.shape[2]):
                 m = -np.inf
-                for i in range(kh):
+                for i in range(i_lo, i_hi):
                     iy = oy * sh - ph + i * dh
                     if 0 <= iy < H:
-                        for j in range(kw):
+                        for j in range(j_lo, j_hi):
                             ix = ox * sw - pw + j * dw
                             if 0 <= ix < W:
                                 m = np.maximum(m, x[p, iy, ix])
@@ -249,6 +289,8 @@ class AvgPool2d(_Pool2d):
     def check_attrs(self, node):
         super().check_attrs(node)
         attr(node, "count_include_pad", bool)
+        if "dilation" in node.attrs:
+            raise FormatError(f"node '{node.name}' ({node.op}): avg_pool2d has no dilation")
         if node.attrs.get("divisor_override") is not None:
             int_min(node, "divisor_override", 1)
 
