@@ -4,8 +4,8 @@ after its last use. A Plan is immutable after construction, so one Plan serves m
 
 Validation is what makes the kernels safe (they do no bounds checks): attribute values as JSON
 can hold them, each op's check_attrs and infer, then for every input shape a run sees: every
-tensor non-empty and within the limits, each kernel's scratch buffers (Op.workspace, where an op
-defines it) too, and what one call holds at once; at load, the ops of a batch-1 run.
+tensor non-empty and within the limits, each kernel's scratch buffers (Op.workspace) too, and
+what one call holds at once; at load, the ops of a batch-1 run.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ FUSABLE_ACTS = {
     "silu": lambda n: ("silu",),
     "hardswish": lambda n: ("hardswish",),
 }
+LAST_AXIS_OUTPUTS = {"linear", "basis_linear"}
 ACT_TARGETS = set(BN_FOLDABLE)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_ATTR_DEPTH = 8
@@ -114,8 +115,7 @@ def infer_shapes(graph: Graph, input_shapes: dict[str, tuple], limits: Limits) -
         if min(out, default=1) < 1:
             raise mismatch(n, f"empty output {out} for input(s) {ins}")
         shapes[n.name] = _tensor(f"node '{n.name}' ({n.op})", out, limits)
-        workspace = getattr(op, "workspace", None)
-        if workspace is not None and workspace(n, ins, out) > limits.max_activation_elements:
+        if op.workspace(n, ins, out) > limits.max_activation_elements:
             raise LimitError(f"node '{n.name}' ({n.op}): scratch buffers for input(s) {ins} exceed "
                              f"max_activation_elements {limits.max_activation_elements}")
     return shapes
@@ -226,8 +226,9 @@ def _lower(graph: Graph, shapes: dict, fuse: bool) -> list[Step]:
         if fuse and n.op in ACT_TARGETS:
             nxt = _sole_consumer(out, users, by_name)
             # BN normalises axis 1: foldable when that is the producer's output-channel axis
+            # (linear ops write their outputs along the last axis: only rank-2 outputs qualify)
             if (nxt is not None and nxt.op == "batch_norm" and n.op in BN_FOLDABLE
-                    and (n.op != "linear" or len(shapes[n.name]) == 2)):
+                    and (n.op not in LAST_AXIS_OUTPUTS or len(shapes[n.name]) == 2)):
                 node = _fold_bn(node, nxt, BN_FOLDABLE[n.op])
                 absorbed.add(nxt.name)
                 out = nxt.name

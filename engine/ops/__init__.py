@@ -52,6 +52,10 @@ class Op:
         """
         return tuple(in_shapes[0])
 
+    def workspace(self, node: Node, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> int:
+        """Scratch elements the kernels allocate besides the output (checked against the limits)."""
+        return 0
+
     # --- kernels --------------------------------------------------------------------------
     def reference(self, node: Node, *xs: np.ndarray) -> np.ndarray:
         """Plain NumPy definition of the op: the specification the fast kernel is held to."""

@@ -261,6 +261,14 @@ class Conv2d(Op):
         return conv2d_fast(x, node.weights["weight"], node.weights.get("bias"), a["stride"],
                            a["padding"], a["dilation"], a["groups"], a["padding_mode"])
 
+    def workspace(self, node, in_shapes, out_shape):
+        """Scratch elements: the padded input and one image's im2col columns (C/G*kh*kw, H'*W')."""
+        B, C, H, W = in_shapes[0]
+        t, l, b, r = node.attrs["padding"]
+        _, Cg, kh, kw = node.weights["weight"].shape
+        padded = B * C * (H + t + b) * (W + l + r) if t or l or b or r else 0
+        return padded + C * kh * kw * out_shape[2] * out_shape[3]
+
     def cost(self, node, in_shapes, out_shape):
         _, Cg, kh, kw = node.weights["weight"].shape
         return Cost(macs=numel(out_shape) * Cg * kh * kw,
