@@ -21,8 +21,11 @@ demo: $(VENV)/.installed
 	$(BC) convert examples/demo_net.py:build --input-shape 1,3,40,40 -o $(OUT)/demo.h5
 	$(BC) inspect $(OUT)/demo.h5
 	$(BC) verify $(OUT)/demo.h5
+	$(BC) compress $(OUT)/demo.h5 --mac-budget 0.3 -o $(OUT)/demo_basis.h5
+	$(BC) verify $(OUT)/demo_basis.h5
+	$(BC) count $(OUT)/demo_basis.h5 --against $(OUT)/demo.h5 --executed
 	$(PY) -c "import numpy as np; np.save('$(OUT)/demo_input.npy', np.random.default_rng(0).standard_normal((4, 3, 40, 40), dtype=np.float32))"
-	$(BC) run $(OUT)/demo.h5 --input $(OUT)/demo_input.npy --output $(OUT)/demo_output.npz
+	$(BC) run $(OUT)/demo_basis.h5 --input $(OUT)/demo_input.npy --output $(OUT)/demo_output.npz
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
