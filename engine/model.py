@@ -95,7 +95,14 @@ def _fmt_shape(shape) -> str:
     return "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
 
 
-def load(path, *, limits: fmt.Limits | None = None) -> Model:
-    """Read, validate and plan a model file. Raises FormatError, LimitError, UnsupportedOpError."""
+def load(path, *, limits: fmt.Limits | None = None, tt_strategy: str | None = None) -> Model:
+    """Read, validate and plan a model file. Raises FormatError, LimitError, UnsupportedOpError.
+
+    tt_strategy: how tensor-train layers run: "auto" (the way with fewer MACs, the default),
+    "contract" (the core chain) or "dense" (the kernel rebuilt once); see docs/FORMAT.md.
+    """
     graph, refs = fmt.load(path, limits)
+    if tt_strategy is not None:
+        from .ops.tt import set_strategy
+        set_strategy(graph, tt_strategy)
     return Model(graph, refs, limits, str(Path(path)))

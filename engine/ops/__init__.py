@@ -65,6 +65,19 @@ class Op:
         """Fast kernel (Numba / BLAS); by default the reference."""
         return self.reference(node, *xs)
 
+    def run_fused(self, node: Node, xs: list, act: tuple | None = None,
+                  residual: np.ndarray | None = None) -> np.ndarray:
+        """What a plan step executes: run, then + residual (a fused add) and the activation
+        `act` (activation.apply_act), the unfused ops' arithmetic in their order. Ops whose
+        kernels apply these in their epilogue override it."""
+        y = self.run(node, *xs)
+        if residual is not None:
+            y = np.add(y, residual)
+        if act is not None:
+            from .activation import apply_act
+            y = apply_act(y, act)
+        return y
+
     # --- counting -------------------------------------------------------------------------
     def cost(self, node: Node, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> Cost:
         """Operations of one call, from the shapes alone (the analytic count)."""
