@@ -32,6 +32,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import converters  # noqa: E402
 import engine  # noqa: E402
+from results import write_section  # noqa: E402
 from converters.basis_layers import to_basis  # noqa: E402
 from converters.finetune import accuracy, finetune  # noqa: E402
 
@@ -302,18 +303,6 @@ def table(rows, scratch_rows, args, seconds: float) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(HEADING)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(HEADING))
-        new = old[:start] + text + ("" if end < 0 else old[end:])
-    path.write_text(new)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=8, help="dense training epochs at lr 2e-3 (then 2 at 2e-4)")
@@ -328,7 +317,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="basis_digits_") as tmp:
         text = run(args, Path(tmp))
     print(text)
-    write_section(args.out, text)
+    write_section(HEADING, text, args.out)
     print(f"wrote section '{HEADING[3:]}' of {args.out}")
 
 

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
+from results import write_section  # noqa: E402
 from engine import format as fmt  # noqa: E402
 from engine.graph import Graph, Node, TensorSpec  # noqa: E402
 
@@ -80,7 +81,7 @@ def main() -> None:
         text = bench(Path(tmp), a)
     print(text)
     if a.write:
-        write_section(Path(__file__).with_name("RESULTS.md"), text)
+        write_section(HEADING, text)
 
 
 def bench(tmp: Path, a) -> str:
@@ -141,18 +142,6 @@ def bench(tmp: Path, a) -> str:
               f"machines. Load average during the run: {os.getloadavg()[0]:.1f} (machine shared), so "
               "numbers are noisy.", ""]
     return "\n".join(lines)
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace this bench's section of RESULTS.md (or append it), keeping every other section."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(HEADING)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(HEADING))
-        new = old[:start] + text + ("" if end < 0 else old[end:])
-    path.write_text(new.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import converters  # noqa: E402
 import engine  # noqa: E402
+from results import write_section  # noqa: E402
 from basis_digits import SIZE, Batches, digits  # noqa: E402  (same data, same split)
 from converters.finetune import accuracy, finetune  # noqa: E402
 from converters.tt import factorize_layers, report_table  # noqa: E402
@@ -206,18 +207,6 @@ def table(rows, details, args, seconds: float) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(HEADING)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(HEADING))
-        new = old[:start] + text + ("" if end < 0 else old[end:])
-    path.write_text(new)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=12)
@@ -236,7 +225,7 @@ def main():
         numba.set_num_threads(args.threads)
         text = run(args)
     print(text)
-    write_section(args.out, text)
+    write_section(HEADING, text, args.out)
     print(f"wrote section '{HEADING[3:]}' of {args.out}")
 
 
