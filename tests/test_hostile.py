@@ -287,7 +287,7 @@ def test_no_pickle_anywhere():
             assert "weights_only=True" in call, (path, call)
 
 
-# --- op-module holes found by fuzzing (xfail until fixed) ---------------------------------------
+# --- op-module holes found by fuzzing -----------------------------------------------------------
 
 AVG = {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1], "ceil_mode": False, "count_include_pad": False}
 
@@ -312,11 +312,6 @@ def test_pool_cost_of_a_huge_window_is_computed_not_allocated():
         plan(one_node("max_pool2d", pool, shape=(None, 1, 1 << 24, 1)), max_ops=1 << 30)
 
 
-def _no_workspace(op):
-    return pytest.mark.xfail(strict=True, reason=f"{op}: no Op.workspace, so its kernels' scratch buffers "
-                             "escape max_activation_elements")
-
-
 TT = {"stride": [1, 1], "dilation": [1, 1], "padding_mode": "zeros", "padding": [7] * 4, "in_modes": [16, 16],
       "out_modes": [1, 1], "ranks": [16, 1], "kernel_size": [16, 16]}
 
@@ -333,7 +328,7 @@ TT = {"stride": [1, 1], "dilation": [1, 1], "padding_mode": "zeros", "padding": 
     pytest.param(one_node("tt_conv2d", TT, {"core0": np.ones((1, 256, 1, 16), np.float32),
                                             "core1": np.ones((16, 16, 1, 1), np.float32),
                                             "core2": np.ones((1, 16, 1, 1), np.float32)}, (None, 256, 2, 2)),
-                 id="tt_conv2d tiled spatial filters", marks=_no_workspace("tt.py")),
+                 id="tt_conv2d tiled spatial filters"),
 ])
 def test_kernel_scratch_buffers_are_limited(graph):
     """Small outputs whose kernels allocate far more than max_activation_elements."""
