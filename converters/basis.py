@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.errors import FormatError
+from engine.errors import FormatError, InputError
 from engine.format import Limits, Reference, References
 from engine.graph import Graph
 from engine.ops.basis import basis_macs, break_even_rank
@@ -38,7 +38,7 @@ def svd_basis(weight: np.ndarray, groups: int, rank: int) -> tuple[np.ndarray, n
     """
     H = filter_matrices(weight, groups)                       # (G, N/G, d)
     if not 1 <= rank <= min(H.shape[1:]):
-        raise ValueError(f"rank must be 1..{min(H.shape[1:])} (min(N/G, d)) for weight "
+        raise InputError(f"rank must be 1..{min(H.shape[1:])} (min(N/G, d)) for weight "
                          f"{weight.shape} with groups={groups}, got {rank}")
     _, _, vt = np.linalg.svd(H, full_matrices=False)          # vt: (G, r, d)
     F = vt[:, :rank]                                          # (G, M, d) basis rows per group
@@ -51,7 +51,7 @@ def random_basis(d: int, rank: int, rng: np.random.Generator) -> np.ndarray:
     """(M, d) random orthonormal rows: Q of the QR of a Gaussian d x M, signs fixed by R's
     diagonal so the basis is uniformly (Haar) distributed."""
     if not 1 <= rank <= d:
-        raise ValueError(f"a random orthonormal basis of {d}-vectors has 1..{d} rows, got rank {rank}")
+        raise InputError(f"a random orthonormal basis of {d}-vectors has 1..{d} rows, got rank {rank}")
     q, r = np.linalg.qr(rng.standard_normal((d, rank)))
     return (q * np.sign(np.diag(r))).T
 
@@ -177,7 +177,7 @@ def _check_keys(value, specs: list[LayerSpec], what: str) -> None:
         known = {s.path for s in specs} | {s.name for s in specs if s.name}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"{what}: no conv / linear layer named {', '.join(map(repr, unknown))} "
+            raise InputError(f"{what}: no conv / linear layer named {', '.join(map(repr, unknown))} "
                              f"(layers: {', '.join(sorted(s.path or s.name for s in specs))})")
 
 
@@ -193,13 +193,13 @@ def decompose(specs: list[LayerSpec], *, energy=None, rank=None, mac_budget: flo
     fresh combine (needs rank). Returns the report and {index in specs: (basis, combine)}.
     """
     if sum(v is not None for v in (energy, rank, mac_budget)) != 1:
-        raise ValueError("give exactly one of energy=, rank= or mac_budget=")
+        raise InputError("give exactly one of energy=, rank= or mac_budget=")
     if from_scratch and rank is None:
-        raise ValueError("from_scratch needs rank= (energies of random weights mean nothing)")
+        raise InputError("from_scratch needs rank= (energies of random weights mean nothing)")
     if mac_budget is not None and per_position:
-        raise ValueError("mac_budget needs the layers' output sizes: pass example_input")
+        raise InputError("mac_budget needs the layers' output sizes: pass example_input")
     if mac_budget is not None and not 0 < mac_budget:
-        raise ValueError(f"mac_budget must be a positive fraction of the dense MACs, got {mac_budget}")
+        raise InputError(f"mac_budget must be a positive fraction of the dense MACs, got {mac_budget}")
     _check_keys(energy, specs, "energy")
     _check_keys(rank, specs, "rank")
     if layers is not None:
@@ -220,11 +220,11 @@ def decompose(specs: list[LayerSpec], *, energy=None, rank=None, mac_budget: flo
                 reasons[i] = "no energy / rank given for this layer"
             elif m is not None:
                 if not isinstance(m, (int, np.integer)) or m < 1:
-                    raise ValueError(f"rank for layer '{s.path or s.name}' must be an int >= 1, got {m!r}")
+                    raise InputError(f"rank for layer '{s.path or s.name}' must be an int >= 1, got {m!r}")
                 ranks[i] = min(int(m), s.full_rank if not from_scratch else s.d)
             else:
                 if not 0 < e <= 1:
-                    raise ValueError(f"energy for layer '{s.path or s.name}' must be in (0, 1], got {e}")
+                    raise InputError(f"energy for layer '{s.path or s.name}' must be in (0, 1], got {e}")
                 ranks[i] = rank_for_energy(spectra[i], e)
             if ranks[i] is not None and not force and \
                     basis_macs(s.N, s.d, s.groups, ranks[i]) >= s.N * s.d:  # per position
@@ -292,7 +292,7 @@ def _allocate(specs, spectra, ranks, reasons, fraction: float, force: bool) -> N
         ranks[i] = 1 if force or specs[i].basis_macs(1) < specs[i].dense_macs() else 0
         used += cost(i, ranks[i])
     if used > budget:
-        raise ValueError(f"mac_budget {fraction:g} ({budget:,.0f} MACs) is below the smallest "
+        raise InputError(f"mac_budget {fraction:g} ({budget:,.0f} MACs) is below the smallest "
                          f"possible network, {used:,} MACs = {used / (budget / fraction):.3f} of dense "
                          "(every decomposable layer at M = 1)")
     heap = []

@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis import BasisReport, LayerSpec, decompose, scratch_basis, svd_basis
-from .torch_export import LEAF_EXPORTERS, register_leaf
+from .torch_export import LEAF_EXPORTERS, eval_mode, register_leaf
+from engine.errors import InputError
 
 _TORCH_PAD = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
@@ -41,7 +42,7 @@ class BasisConv2d(nn.Module):
                  dilation=(1, 1), groups: int = 1, padding_mode: str = "zeros"):
         super().__init__()
         if padding_mode not in _TORCH_PAD:
-            raise ValueError(f"padding_mode must be one of {sorted(_TORCH_PAD)}, got {padding_mode!r}")
+            raise InputError(f"padding_mode must be one of {sorted(_TORCH_PAD)}, got {padding_mode!r}")
         self.register_buffer("basis", _f32(basis))      # (G*M, C/G, kh, kw) fixed basis filters
         self.combine = nn.Parameter(_f32(combine))      # (N, M) 1D combine weights
         self.bias = None if bias is None else nn.Parameter(_f32(bias))  # (N)
@@ -49,7 +50,7 @@ class BasisConv2d(nn.Module):
         self.padding = tuple(padding)                   # (top, left, bottom, right)
         self.groups, self.padding_mode = int(groups), padding_mode
         if self.basis.shape[0] != self.groups * self.rank or self.combine.shape[0] % self.groups:
-            raise ValueError(f"basis {tuple(self.basis.shape)} / combine {tuple(self.combine.shape)} "
+            raise InputError(f"basis {tuple(self.basis.shape)} / combine {tuple(self.combine.shape)} "
                              f"do not fit groups={self.groups}")
 
     @property
@@ -141,13 +142,10 @@ def _positions(model: nn.Module, paths: list[str], example_input) -> dict[str, i
         def hook(mod, inp, out, p=p):
             seen[p] = int(np.prod(out.shape[2:] if isinstance(mod, nn.Conv2d) else out.shape[1:-1]))
         hooks.append(model.get_submodule(p).register_forward_hook(hook))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*example_input) if isinstance(example_input, (tuple, list)) else model(example_input)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return seen

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis_layers import BasisConv2d, BasisLinear
+from engine.errors import InputError
 
 PARTS = ("combine", "bias", "bn", "classifier", "all")
 
@@ -25,7 +26,7 @@ def trainable_parameters(model: nn.Module, train=("combine",)) -> list[nn.Parame
     (every parameter of the last Linear / BasisLinear), "all"."""
     unknown = set(train) - set(PARTS)
     if unknown:
-        raise ValueError(f"train: unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+        raise InputError(f"train: unknown part(s) {sorted(unknown)}; choose from {PARTS}")
     if "all" in train:
         return list(model.parameters())
     chosen: dict[int, nn.Parameter] = {}
@@ -67,7 +68,7 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float, train=("
     from tqdm.auto import tqdm
     params = trainable_parameters(model, train)
     if not params:
-        raise ValueError(f"train={tuple(train)} selects no parameter of this model "
+        raise InputError(f"train={tuple(train)} selects no parameter of this model "
                          "(no BasisConv2d / BasisLinear? run converters.to_basis first)")
     ids = {id(p) for p in params}
     flags = {p: p.requires_grad for p in model.parameters()}

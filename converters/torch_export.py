@@ -14,6 +14,8 @@ afterwards from the recorded activations, the same way for modules and functions
 """
 from __future__ import annotations
 
+import contextlib
+
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -572,13 +574,25 @@ def _as_tuple(x, what: str) -> tuple:
     return tuple(t.detach().clone() for t in xs)
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Every submodule in eval mode inside, each one's own training flag restored after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
 def export(model: nn.Module, example_input, path, *, reference_inputs=None, n_random: int = 2,
            store: str = "all", seed: int = 0):
     """Trace `model`, map it to the engine's ops and write it, with PyTorch reference activations,
     to `path`. References: example input, then reference_inputs, then n_random seeded randn inputs
     shaped like the example. store="outputs" keeps only the graph outputs' activations."""
     if store not in ("all", "outputs"):
-        raise ValueError(f"store must be 'all' or 'outputs', got {store!r}")
+        raise InputError(f"store must be 'all' or 'outputs', got {store!r}")
     example = _as_tuple(example_input, "example_input")
     gen = torch.Generator().manual_seed(seed)
     runs = [example] + [_as_tuple(x, f"reference_inputs[{i}]")
@@ -586,9 +600,7 @@ def export(model: nn.Module, example_input, path, *, reference_inputs=None, n_ra
     runs += [tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in example)
              for _ in range(n_random)]
 
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         gm = trace(model)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for i, xs in enumerate(runs):
@@ -597,14 +609,15 @@ def export(model: nn.Module, example_input, path, *, reference_inputs=None, n_ra
                                  f"model inputs ({', '.join(p.name for p in placeholders)})")
         recorded = []
         with torch.no_grad():
-            for xs in runs:
+            for i, xs in enumerate(runs):
                 recorded.append(_Recorder(gm))
-                recorded[-1].run(*(x.clone() for x in xs))
+                try:
+                    recorded[-1].run(*(x.clone() for x in xs))
+                except RuntimeError as e:  # the model itself refuses this input
+                    raise InputError(f"reference input {i} {[tuple(x.shape) for x in xs]}: the model "
+                                     f"fails on it: {e}") from None
                 if len(recorded) == 1:     # map the graph once, before the other runs
                     graph, sources = _build(gm, recorded[0].values)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
     graph.meta = {"producer": f"basisconv-converters {__version__}",
                   "torch_version": str(torch.__version__), "model_class": type(model).__name__}

@@ -16,6 +16,7 @@ import numpy as np
 from engine.graph import Graph, Node
 from engine.ops import numel
 from engine.ops.tt import chain_macs, conv_kernel, tt_matrix
+from engine.errors import InputError
 
 DEFAULT_CORES = 3   # channel / feature cores when modes are chosen automatically (the paper's)
 
@@ -29,7 +30,7 @@ def tt_svd(a: np.ndarray, *, max_rank=None, eps: float | None = None) -> list[np
     dims = a.shape
     caps = _caps(max_rank, len(dims) - 1)
     if eps is not None and not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise InputError(f"eps must be >= 0, got {eps}")
     delta = 0.0 if eps is None else eps * np.linalg.norm(a) / np.sqrt(max(len(dims) - 1, 1))
     cores, r = [], 1
     rest = np.asarray(a, np.float64)
@@ -53,9 +54,9 @@ def _caps(max_rank, bonds: int) -> list[int]:
     else:
         caps = [int(r) for r in max_rank]
         if len(caps) != bonds:
-            raise ValueError(f"max_rank: expected {bonds} per-bond ranks, got {list(max_rank)}")
+            raise InputError(f"max_rank: expected {bonds} per-bond ranks, got {list(max_rank)}")
     if min(caps, default=1) < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        raise InputError(f"max_rank must be >= 1, got {max_rank}")
     return caps
 
 
@@ -138,7 +139,7 @@ def factorize(name: str, weight: np.ndarray, *, modes=None, max_rank=None, eps=N
     conv = w.ndim == 4
     if naive:
         if not conv:
-            raise ValueError(f"layer '{name}': the naive 4D TT is for conv kernels, got {w.shape}")
+            raise InputError(f"layer '{name}': the naive 4D TT is for conv kernels, got {w.shape}")
         cores = tt_svd(w, max_rank=max_rank, eps=eps)
         rebuilt = tt_matrix([g[:, :, None, :] for g in cores]).reshape(w.shape)
         in_modes, out_modes, macs_contract = list(w.shape), [1] * 4, None
@@ -149,7 +150,7 @@ def factorize(name: str, weight: np.ndarray, *, modes=None, max_rank=None, eps=N
                                else auto_modes(n_in, S))
         if numel(in_modes) != n_in or numel(out_modes) != S \
                 or len(in_modes) != len(out_modes):
-            raise ValueError(f"layer '{name}': modes {in_modes} x {out_modes} do not factor "
+            raise InputError(f"layer '{name}': modes {in_modes} x {out_modes} do not factor "
                              f"kernel {w.shape}")
         if conv:
             lead = [w.shape[2] * w.shape[3]]
@@ -182,7 +183,7 @@ def factorize_layers(kernels: dict, *, max_rank=None, eps=None, layers=None, mod
     wanted = list(kernels) if layers is None else list(layers)
     bad = [name for name in wanted if name not in kernels]
     if bad:
-        raise ValueError(f"layers {bad}: not groups=1 conv or linear layers of the model "
+        raise InputError(f"layers {bad}: not groups=1 conv or linear layers of the model "
                          f"(those are: {list(kernels)})")
     out = {}
     for name in wanted:
@@ -239,7 +240,7 @@ def compress_file_tt(src, dst, **kwargs) -> list[TTReport]:
     graph, refs = fmt.load(src)
     new, reports = compress_graph_tt(graph, **kwargs)
     if not any(r.replaced for r in reports):
-        raise ValueError(f"{src}: no conv2d / linear node has fewer parameters as TT at these "
+        raise InputError(f"{src}: no conv2d / linear node has fewer parameters as TT at these "
                          "settings (raise eps or lower max_rank)")
     fmt.save(dst, new, engine_references(new, refs))
     return reports

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .basis_layers import _TORCH_PAD, _f32
 from .torch_export import LEAF_EXPORTERS, register_leaf
 from .tt import Factorization, TTReport, factorize_layers
+from engine.errors import InputError
 
 
 def tt_full(cores) -> torch.Tensor:
@@ -63,7 +64,7 @@ def _cores(cores, ndim: int) -> nn.ParameterList:
     ranks = [g.shape[0] for g in arrays] + [1]
     if not arrays or any(g.ndim != ndim for g in arrays) or ranks[0] != 1 \
             or any(g.shape[-1] != r for g, r in zip(arrays, ranks[1:])):
-        raise ValueError(f"cores {[g.shape for g in arrays]} do not form a TT chain of {ndim}-D "
+        raise InputError(f"cores {[g.shape for g in arrays]} do not form a TT chain of {ndim}-D "
                          "cores (r_{k-1}, ..., r_k) with outer ranks 1")
     return nn.ParameterList([nn.Parameter(_f32(g)) for g in arrays])
 
@@ -74,7 +75,7 @@ class _KernelConv(nn.Module):
     def __init__(self, bias, *, stride=1, padding=0, dilation=1, padding_mode: str = "zeros"):
         super().__init__()
         if padding_mode not in _TORCH_PAD:
-            raise ValueError(f"padding_mode must be one of {sorted(_TORCH_PAD)}, got {padding_mode!r}")
+            raise InputError(f"padding_mode must be one of {sorted(_TORCH_PAD)}, got {padding_mode!r}")
         self.bias = None if bias is None else nn.Parameter(_f32(bias))  # (S)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = _pads(padding)                   # (top, left, bottom, right)
@@ -114,7 +115,7 @@ class TTConv2d(_KernelConv):
         self.cores = _cores(cores, 4)
         kh, kw = self.kernel_size
         if len(self.cores) < 2 or tuple(self.cores[0].shape[:3]) != (1, kh * kw, 1):
-            raise ValueError(f"expected a spatial core (1, {kh * kw}, 1, r_0) and channel cores, "
+            raise InputError(f"expected a spatial core (1, {kh * kw}, 1, r_0) and channel cores, "
                              f"got {[tuple(g.shape) for g in self.cores]}")
 
     @classmethod

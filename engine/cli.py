@@ -78,8 +78,14 @@ def cmd_run(a) -> int:
         return 0
     if a.scheduler or not a.input.endswith(".npy"):
         raise InputError("an HDF5 input or --scheduler needs an .h5 --output (the streamed run)")
+    if a.output and not a.output.endswith(".npz"):
+        raise InputError(f"--output {a.output}: a whole-array run writes .npz (or give an .h5 output to stream)")
     model = load(a.model)
-    outs = named_outputs(model, model(np.load(a.input, allow_pickle=False)))
+    try:
+        x = np.load(a.input, allow_pickle=False)
+    except ValueError as e:  # not an .npy array, or one holding Python objects
+        raise InputError(f"--input {a.input}: not a readable .npy array ({e})") from None
+    outs = named_outputs(model, model(x))
     for k, v in outs.items():
         print(f"{k}: shape {v.shape}, mean {v.mean():.6g}, max {v.max():.6g}")
     if a.output:
@@ -92,8 +98,9 @@ def cmd_verify(a) -> int:
     from . import load
     report = load(a.model).verify(rtol=a.rtol)
     if a.json:
+        finite = lambda v: v if not isinstance(v, float) or np.isfinite(v) else str(v)  # noqa: E731
         print(json.dumps({"ok": report.ok, "rtol": report.rtol, "source": report.source,
-                          "rows": [r.__dict__ for r in report.rows]}))
+                          "rows": [{k: finite(v) for k, v in r.__dict__.items()} for r in report.rows]}))
     else:
         if a.verbose:
             for r in report.rows:
@@ -104,11 +111,12 @@ def cmd_verify(a) -> int:
 
 def cmd_inspect(a) -> int:
     from . import load
+    from .model import format_shape
     model = load(a.model)
     g = model.graph
     print(f"{a.model}: {len(g.nodes)} nodes, model class {g.meta.get('model_class') or '?'}, "
           f"made by {g.meta.get('producer') or '?'} (torch {g.meta.get('torch_version') or '-'})")
-    print("inputs:  " + ", ".join(f"{t.name} {_shape(t.shape)}" for t in g.inputs))
+    print("inputs:  " + ", ".join(f"{t.name} {format_shape(t.shape)}" for t in g.inputs))
     print("outputs: " + ", ".join(f"{o} <- {n}" for o, n in g.outputs) + f" ({g.output_kind})")
     refs = model.references
     print(f"references: {len(refs.runs)} input(s), {refs.stored} nodes, from {refs.source} {refs.source_version}")
@@ -181,10 +189,6 @@ def cmd_count(a) -> int:
                   + (f" vs {a.against}" if a.against else ""))
         print(f"wrote {a.plot}", file=sys.stderr)
     return 1 if report.mismatches else 0
-
-
-def _shape(shape) -> str:
-    return "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +272,9 @@ def main(argv=None) -> int:
         return 1
     except FileNotFoundError as e:
         print(f"basisconv {args.command}: file not found: {e.filename or e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a directory, no permission, disk full
+        print(f"basisconv {args.command}: {e}", file=sys.stderr)
         return 1
 
 

@@ -20,8 +20,10 @@ class UnsupportedOpError(EngineError):
     """An op (at export or in a file) that this version does not know."""
 
 
-class InputError(EngineError):
-    """A run's input has the wrong type, dtype, rank or shape."""
+class InputError(EngineError, ValueError):
+    """A run's input has the wrong type, dtype, rank or shape; or a converter got a bad argument.
+
+    Also a ValueError, so code catching ValueError for bad arguments keeps working."""
 
 
 class ShapeMismatch(Exception):

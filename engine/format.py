@@ -225,9 +225,9 @@ def graph_from_json(doc, limits: Limits | None = None) -> Graph:
     outputs = []
     _expect(len(doc["outputs"]) >= 1, "graph JSON: at least one output required")
     for i, o in enumerate(doc["outputs"]):
-        _expect(isinstance(o, dict) and isinstance(o.get("name"), str) and isinstance(o.get("node"), str)
-                and o["node"] in node_names,
-                f"output {i}: must name an output and an existing node, got {o!r}")
+        _expect(isinstance(o, dict) and isinstance(o.get("name"), str) and NAME_RE.match(o["name"]) is not None
+                and isinstance(o.get("node"), str) and o["node"] in node_names,
+                f"output {i}: must have a name matching {NAME_RE.pattern} and an existing node, got {o!r}")
         outputs.append((o["name"], o["node"]))
     _expect(kind != "tensor" or len(outputs) == 1, "output_kind 'tensor' needs exactly one output")
     _expect(len({o for o, _ in outputs}) == len(outputs), "output names must be distinct")

@@ -54,7 +54,7 @@ class Model:
                 raise InputError(f"input '{spec.name}': expected a floating dtype, got {a.dtype}")
             if a.ndim != len(spec.shape):
                 raise InputError(f"input '{spec.name}': expected rank {len(spec.shape)} "
-                                 f"(shape {_fmt_shape(spec.shape)}), got shape {a.shape}")
+                                 f"(shape {format_shape(spec.shape)}), got shape {a.shape}")
             if a.size == 0:
                 raise InputError(f"input '{spec.name}': empty batch or dimension (shape {a.shape})")
         self.plan.check_inputs(dict(zip((t.name for t in specs), xs)), keep_all)
@@ -91,7 +91,8 @@ class Model:
         return count(self, input_shape, executed=executed)
 
 
-def _fmt_shape(shape) -> str:
+def format_shape(shape) -> str:
+    """(B, 3, 32, 32) for a declared shape whose batch is free."""
     return "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
 
 

@@ -49,7 +49,7 @@ def compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     if got.size == 0:
         return 0.0, 0.0
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    same_nonfinite = ~np.isfinite(want) & (got == want)
+    same_nonfinite = ~np.isfinite(want) & ((got == want) | (np.isnan(got) & np.isnan(want)))
     diff[same_nonfinite] = 0.0
     max_abs = float(np.nan_to_num(diff, nan=np.inf).max())
     scale = float(np.abs(want[np.isfinite(want)]).max(initial=0.0))

@@ -29,7 +29,7 @@ import weakref
 import numpy as np
 from numba import njit
 
-from ..errors import FormatError
+from ..errors import FormatError, InputError
 from ..graph import Graph, Node
 from . import Cost, Op, attr, mismatch, numel, register
 from .conv import Conv2d, check_weight, conv2d_counted, conv2d_fast
@@ -66,7 +66,7 @@ def chain_macs(in_modes, out_modes, ranks) -> int:
 def set_strategy(graph: Graph, strategy: str) -> None:
     """Load option: run every TT node of `graph` by `strategy` ("auto" | "contract" | "dense")."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"tt_strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise InputError(f"tt_strategy must be one of {STRATEGIES}, got {strategy!r}")
     for n in graph.nodes:
         if n.op in TT_OPS:
             n.attrs["strategy"] = strategy
