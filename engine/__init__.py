@@ -14,10 +14,11 @@ import numba
 # not fork-safe: start worker processes with spawn or subprocess.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
-# OpenMP threads spinning after a parallel loop starve OpenBLAS's threads (a conv took 30x
-# longer on 2 cores); passive waiting costs nothing measurable. Only effective when set before
-# libgomp loads (i.e. before torch is imported).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One thread pool per call, Numba's: the GEMM kernels (ops/gemm.py) call single-threaded BLAS
+# from inside their prange tasks (SciPy's BLAS, which Numba calls, is set to 1 thread when they
+# load), so no OpenBLAS threads spin against Numba's (that made a conv sequence 3.5x slower).
+# OpenMP keeps its default wait policy (spin ~0.3 ms, then sleep): passive waiting cost 15% at
+# batch 1 (VGG-16 BasisConv 1.15 vs 1.32 ms). docs/ARCHITECTURE.md, "Threading".
 
 from .errors import EngineError, FormatError, InputError, LimitError, UnsupportedOpError  # noqa: E402
 from .format import Limits  # noqa: E402

@@ -191,6 +191,58 @@ def cmd_count(a) -> int:
     return 1 if report.mismatches else 0
 
 
+def cmd_bench(a) -> int:
+    """The engine's own speed on this model file: latency / throughput at --batch."""
+    import statistics
+    import time
+
+    import numba
+
+    from . import load
+    if a.threads:
+        numba.set_num_threads(a.threads)
+    model = load(a.model)
+    specs = model.graph.inputs
+    if a.input_shape:
+        shapes = [tuple(s) for s in a.input_shape]
+    else:
+        first = model.references.runs[0].inputs if model.references.runs else None
+        shapes = [(a.batch,) + tuple(first[t.name].shape[1:] if first else
+                                     (1 if d is None else d for d in t.shape[1:])) for t in specs]
+    rng = np.random.default_rng(0)
+    xs = tuple(rng.standard_normal(s, dtype=np.float32) for s in shapes)
+    x = xs[0] if len(xs) == 1 else xs
+    macs = model.count(shapes[0] if len(shapes) == 1 else shapes).total["macs"]
+    t0 = time.perf_counter()
+    model(x)
+    first = time.perf_counter() - t0
+    for _ in range(a.warmup):
+        model(x)
+    times = []
+    deadline = time.perf_counter() + a.seconds
+    while len(times) < a.min_runs or time.perf_counter() < deadline:
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    B = shapes[0][0]
+    result = {"model": a.model, "input_shapes": shapes, "threads": numba.get_num_threads(),
+              "first_call_s": first, "runs": len(times), "median_ms": med * 1e3,
+              "min_ms": min(times) * 1e3, "images_per_s": B / med, "macs": macs,
+              "gflops": 2 * macs / med / 1e9}
+    if a.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{a.model}: input {', '.join(map(str, shapes))}, {result['threads']} Numba threads, "
+          f"{macs:,} MACs per call")
+    print(f"first call {first * 1e3:.1f} ms (includes loading compiled kernels); {len(times)} timed "
+          f"runs: median {med * 1e3:.3f} ms, min {min(times) * 1e3:.3f} ms, {B / med:,.1f} images/s, "
+          f"{result['gflops']:.1f} GFLOP/s effective")
+    print("engine only: comparing with PyTorch / ONNX Runtime needs the torch model; see "
+          "bench/speed.py (python bench/speed.py --help)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="basisconv", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -260,6 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--executed", action="store_true", help="also run the counting kernels and show "
                    "what they execute; exit 1 if any node differs from its analytic count")
     k.set_defaults(func=cmd_count)
+
+    e = sub.add_parser("bench", help="the engine's latency / throughput on a model file (no torch; "
+                       "peer comparison: bench/speed.py)")
+    e.add_argument("model")
+    e.add_argument("--batch", type=int, default=1, metavar="N", help="batch size (default 1)")
+    e.add_argument("--input-shape", type=shape_arg, action="append",
+                   help="full input shape instead of --batch (once per input)")
+    e.add_argument("--seconds", type=float, default=3.0, help="time budget of the timed runs")
+    e.add_argument("--min-runs", type=int, default=10)
+    e.add_argument("--warmup", type=int, default=3)
+    e.add_argument("--threads", type=int, help="Numba threads (default: all cores)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_bench)
     return p
 
 

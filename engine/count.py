@@ -125,12 +125,14 @@ def execute(model, xs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], di
 
 def _plan_other_ops(plan, shapes) -> int:
     """Other ops of the fused plan as it runs: each step's node (a folded BatchNorm became its
-    bias add) plus one per output element of a fused activation."""
+    bias add) plus one per output element of a fused activation and of a fused residual add."""
     total = 0
     for step in plan.steps:
         n = step.node
         total += OPS[n.op].cost(n, [shapes[i] for i in n.inputs], shapes[n.name]).other
         if step.act is not None:
+            total += numel(shapes[step.output])
+        if step.residual is not None:
             total += numel(shapes[step.output])
     return total
 
@@ -141,13 +143,17 @@ def _input_shapes(model, input_shape) -> dict[str, tuple]:
         if model.references.runs:
             return {t.name: (1,) + model.references.runs[0].inputs[t.name].shape[1:] for t in inputs}
         return {t.name: tuple(1 if s is None else s for s in t.shape) for t in inputs}
-    one = all(isinstance(s, (int, np.integer)) for s in input_shape)
+    if not isinstance(input_shape, (tuple, list)):
+        raise InputError(f"input_shape must be a shape like (1, 3, 32, 32) or a tuple of them, got {input_shape!r}")
+    one = not any(isinstance(s, (tuple, list)) for s in input_shape)
     shapes = [input_shape] if one else list(input_shape)
     if len(shapes) != len(inputs):
         raise InputError(f"model takes {len(inputs)} input(s) ({', '.join(t.name for t in inputs)}), "
                          f"got {len(shapes)} shape(s)")
     for t, s in zip(inputs, shapes):
-        if len(s) != len(t.shape) or min(s, default=1) < 1:
+        sizes_ok = isinstance(s, (tuple, list)) and all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in s)
+        if not sizes_ok or len(s) != len(t.shape):
             raise InputError(f"input '{t.name}': expected a shape of rank {len(t.shape)} with sizes "
                              f">= 1, got {tuple(s)}")
     return {t.name: tuple(int(d) for d in s) for t, s in zip(inputs, shapes)}

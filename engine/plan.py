@@ -1,6 +1,6 @@
 """Load-time lowering of a Graph into a Plan: validate every node, fold BatchNorm into the
-producing conv/linear, fuse a following activation, and order the steps with each tensor freed
-after its last use. A Plan is immutable after construction, so one Plan serves many threads.
+producing conv/linear, fuse a residual add and a following activation into the producer's
+epilogue, and order the steps with each tensor freed after its last use. A Plan is immutable after construction, so one Plan serves many threads.
 
 Validation is what makes the kernels safe (they do no bounds checks): attribute values as JSON
 can hold them, each op's check_attrs and infer, then for every input shape a run sees: every
@@ -18,7 +18,6 @@ from .errors import FormatError, InputError, LimitError, ShapeMismatch, Unsuppor
 from .format import Limits
 from .graph import Graph, Node
 from .ops import OPS, load_all, mismatch, numel
-from .ops.activation import apply_act
 
 load_all()
 
@@ -135,6 +134,7 @@ class Step:
     act: tuple | None          # activation fused into its output, or None
     output: str                # tensor name it produces (the last fused node's name)
     frees: tuple[str, ...]     # tensors dead after this step
+    residual: str | None = None  # tensor added to its output before `act` (a fused add), or None
 
 
 class Plan:
@@ -145,6 +145,9 @@ class Plan:
         self.limits = limits or Limits()
         self.shapes = validate(graph, self.limits)      # batch-1 shapes, for inspect/count
         self.steps = _lower(graph, self.shapes, fuse)
+        # what run() executes: per step the op's run_fused and the names it reads and writes
+        self._program = tuple((OPS[st.node.op].run_fused, st.node, tuple(st.node.inputs), st.act,
+                               st.residual, st.output, st.frees) for st in self.steps)
         self._checked: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
         self._check({t.name: self.shapes[t.name] for t in graph.inputs}, keep_all=False)
@@ -204,12 +207,10 @@ class Plan:
         """Run the fused steps; returns the graph outputs by node name."""
         self.check_inputs(xs)
         env = dict(xs)
-        for step in self.steps:
-            y = OPS[step.node.op].run(step.node, *[env[i] for i in step.node.inputs])
-            if step.act is not None:
-                y = apply_act(y, step.act)
-            env[step.output] = y
-            for t in step.frees:
+        for run, node, inputs, act, residual, output, frees in self._program:
+            env[output] = run(node, [env[i] for i in inputs], act,
+                              None if residual is None else env[residual])
+            for t in frees:
                 del env[t]
         return {n: env[n] for _, n in self.graph.outputs}
 
@@ -218,11 +219,12 @@ def _lower(graph: Graph, shapes: dict, fuse: bool) -> list[Step]:
     users = graph.consumers()
     by_name = {n.name: n for n in graph.nodes}
     absorbed: set[str] = set()
-    fused: list[tuple[Node, tuple | None, str]] = []
+    available = {t.name for t in graph.inputs}           # tensors produced by earlier steps
+    fused: list[tuple[Node, tuple | None, str, str | None]] = []
     for n in graph.nodes:
         if n.name in absorbed:
             continue
-        node, act, out = n, None, n.name
+        node, act, out, residual = n, None, n.name, None
         if fuse and n.op in ACT_TARGETS:
             nxt = _sole_consumer(out, users, by_name)
             # BN normalises axis 1: foldable when that is the producer's output-channel axis
@@ -233,22 +235,32 @@ def _lower(graph: Graph, shapes: dict, fuse: bool) -> list[Step]:
                 absorbed.add(nxt.name)
                 out = nxt.name
                 nxt = _sole_consumer(out, users, by_name)
+            # a residual add out + r (r computed by an earlier step, same shape): into the epilogue
+            if nxt is not None and nxt.op == "add" and len(nxt.inputs) == 2 and "scalar" not in nxt.attrs:
+                other = nxt.inputs[1] if nxt.inputs[0] == out else nxt.inputs[0]
+                if other != out and other in available and shapes[other] == shapes[out]:
+                    residual = other
+                    absorbed.add(nxt.name)
+                    out = nxt.name
+                    nxt = _sole_consumer(out, users, by_name)
             if nxt is not None and nxt.op in FUSABLE_ACTS:
                 act = FUSABLE_ACTS[nxt.op](nxt)
                 absorbed.add(nxt.name)
                 out = nxt.name
-        fused.append((node, act, out))
+        fused.append((node, act, out, residual))
+        available.add(out)
     # free each tensor after the step that reads it last (graph outputs are never freed)
     keep = {n for _, n in graph.outputs}
     last_use: dict[str, int] = {}
-    for i, (node, _, _) in enumerate(fused):
-        for t in node.inputs:
+    for i, (node, _, _, residual) in enumerate(fused):
+        for t in [*node.inputs, *([residual] if residual else [])]:
             last_use[t] = i
     frees: list[list[str]] = [[] for _ in fused]
     for t, i in last_use.items():
         if t not in keep:
             frees[i].append(t)
-    return [Step(node, act, out, tuple(fr)) for (node, act, out), fr in zip(fused, frees)]
+    return [Step(node, act, out, tuple(fr), residual)
+            for (node, act, out, residual), fr in zip(fused, frees)]
 
 
 def _sole_consumer(tensor: str, users: dict, by_name: dict) -> Node | None:

@@ -299,6 +299,39 @@ def test_exported_basis_model_runs_node_by_node_in_the_engine(full_rank, name):
     assert all(r.learnable_params < r.params for r in basis_rows if r.op.startswith("basis_"))
 
 
+@pytest.fixture(scope="module")
+def truncated(tmp_path_factory):
+    """family -> (dense model, basis model at 80 % energy, report, exported basis file)."""
+    root = tmp_path_factory.mktemp("truncated")
+    out = {}
+    for name, (factory, shape) in FAMILIES.items():
+        dense = factory()
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        model, report = to_basis(dense, energy=0.8, force=True, example_input=x)
+        path = converters.export(model.eval(), x, root / f"{name}.h5", n_random=0)
+        out[name] = (dense, model, report, path)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_truncated_basis_model_loses_the_discarded_energy_and_runs_in_the_engine(truncated, name):
+    """Each decomposed layer's squared relative reconstruction error (float64, group by group) is
+    its discarded energy 1 - kept; the exported model verifies node by node."""
+    dense, model, report, path = truncated[name]
+    assert report.decomposed and any(r.energy < 0.99 for r in report.decomposed)   # really truncated
+    for r in report.decomposed:
+        layer = model.get_submodule(r.path)
+        W = dense.get_submodule(r.path).weight.detach().double().numpy()
+        G = getattr(layer, "groups", 1)
+        H = W.reshape(G, W.shape[0] // G, -1)                                     # (G, N/G, d)
+        basis = layer.basis.double().numpy().reshape(G, r.rank, -1)               # (G, M, d)
+        combine = layer.combine.detach().double().numpy().reshape(G, -1, r.rank)  # (G, N/G, M)
+        err = np.linalg.norm(H - combine @ basis) ** 2 / np.linalg.norm(H) ** 2
+        assert err == pytest.approx(1 - r.energy, abs=1e-9), (r.path, err, r.energy)
+    report = engine.load(path).verify(rtol=RTOL)
+    assert report.ok, report.summary()
+
+
 def test_compress_graph_keeps_names_and_runs_the_dense_file(tmp_path):
     factory, shape = FAMILIES["vgg16_bn"]
     dense = converters.export(factory(), torch.randn(*shape), tmp_path / "dense.h5", n_random=1)

@@ -1,4 +1,5 @@
-"""One loaded Model called from 4 threads at once gives exactly the serial results.
+"""One loaded Model called from 4 threads at once gives exactly the serial results, its caches
+(per-input-shape checks, a TT node's rebuilt dense kernel) filled for the first time concurrently.
 
 engine/__init__.py selects Numba's "threadsafe" layer (TBB if installed, else OpenMP): the
 default workqueue layer refuses concurrent parallel calls. Worker processes must be started with
@@ -13,9 +14,16 @@ import pytest
 
 import engine
 from engine import format as fmt
-from tests.fuzz import seed_graphs
+from engine.ops.tt import _KERNELS
+from tests.fuzz import seed_graphs, write_seeds
 
 THREADS, CALLS = 4, 6
+
+
+@pytest.fixture(scope="module")
+def seed_files(tmp_path_factory):
+    """name -> path of each seed graph's model file."""
+    return write_seeds(tmp_path_factory.mktemp("seeds"))
 
 
 def test_threading_layer_is_threadsafe():
@@ -25,19 +33,28 @@ def test_threading_layer_is_threadsafe():
     assert numba.threading_layer() in ("omp", "tbb")
 
 
-@pytest.mark.parametrize("name", ["cnn", "branchy", "compressed"])
-def test_one_model_many_threads(name):
-    graphs = seed_graphs()
-    if name not in graphs:
+def _tt_kernels(model):
+    return [id(n) in _KERNELS._kernels for n in model.graph.nodes if n.op.startswith("tt_")]
+
+
+@pytest.mark.parametrize("name,strategy", [("cnn", None), ("branchy", None), ("compressed", "contract"),
+                                           ("compressed", "dense")])
+def test_fresh_model_many_threads(seed_files, name, strategy):
+    if name not in seed_files:
         pytest.skip(f"{name}: ops not installed")
-    model = engine.Model(graphs[name], fmt.References())
+    reference = engine.load(seed_files[name], tt_strategy=strategy)   # serial results: another instance
+    model = engine.load(seed_files[name], tt_strategy=strategy)       # caches still empty
     spec = model.graph.inputs[0].shape
     rng = np.random.default_rng(0)
-    # every thread and call its own batch size and data: shape checks are cached concurrently too
-    xs = [[rng.standard_normal((1 + (t + c) % 3,) + tuple(spec[1:])).astype(np.float32) for c in range(CALLS)]
+    # every thread and call its own batch size and data; batches 3 to 5 are shapes new to the
+    # model (loading checked the references' batches 1 and 2)
+    xs = [[rng.standard_normal((3 + (t + c) % 3,) + tuple(spec[1:])).astype(np.float32) for c in range(CALLS)]
           for t in range(THREADS)]
-    serial = [[model(x) for x in row] for row in xs]
-    acts = model.activations(xs[0][0])
+    serial = [[reference(x) for x in row] for row in xs]
+    acts = reference.activations(xs[0][0])
+    assert not any(k[0][0] >= 3 for k in model.plan._checked), "shape checks already cached"
+    tt_built = _tt_kernels(model)
+    assert bool(tt_built) == (name == "compressed") and not any(tt_built), "TT kernels already rebuilt"
     got = [[None] * CALLS for _ in range(THREADS)]
     got_acts, errors = [None] * THREADS, []
     start = threading.Barrier(THREADS)
@@ -61,6 +78,9 @@ def test_one_model_many_threads(name):
         for c in range(CALLS):
             _assert_same(got[t][c], serial[t][c])
         _assert_same(got_acts[t], acts)
+    assert {k[0][0] for k in model.plan._checked} >= {3, 4, 5}
+    # a TT node run dense rebuilt its kernel during the concurrent pass, contracted it never does
+    assert _tt_kernels(model) == [strategy == "dense"] * len(tt_built)
 
 
 def _assert_same(a, b):

@@ -142,83 +142,134 @@ def both(cost):
     return cost, cost
 
 
+def w(**shapes):
+    """Weights of the given shapes (values never change a count)."""
+    return {k: rand(*s, seed=i) for i, (k, s) in enumerate(shapes.items())}
+
+
 CONV = {"stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1, "padding_mode": "zeros"}
+POOL = {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "ceil_mode": False}
+AVG = {**POOL, "count_include_pad": True, "divisor_override": None}
+TTC = {**{k: v for k, v in CONV.items() if k != "groups"}, "kernel_size": [3, 3], "in_modes": [2, 4],
+       "out_modes": [4, 4], "ranks": [3, 2]}
+TTC_W = w(core0=(1, 9, 1, 3), core1=(3, 2, 4, 2), core2=(2, 4, 4, 1))
+TTL = {"in_modes": [4, 5], "out_modes": [3, 2], "ranks": [2]}
+TTL_W = w(core1=(1, 4, 3, 2), core2=(2, 5, 2, 1), bias=(6,))
+BN = {k: rand(4, seed=i) + 2 for i, k in enumerate(("weight", "bias", "running_mean", "running_var"))}
+
+# op, attrs, weights, input shapes, Cost(macs, other) worked out by hand (docs/COUNTING.md)
+HAND = {
+    # 3x3 conv 64 -> 128, padding 1, 32x32: positions * filters * taps; one bias add per output
+    "conv2d": ("conv2d", CONV, w(weight=(128, 64, 3, 3), bias=(128,)), [(1, 64, 32, 32)],
+               Cost(macs=32 * 32 * 128 * 64 * 3 * 3, other=32 * 32 * 128)),
+    # depthwise 3x3 stride 2 on 2 x 32 x 16 x 16 -> 8x8: batch * channels * positions * taps
+    "conv2d-depthwise": ("conv2d", {**CONV, "groups": 32, "stride": [2, 2]}, w(weight=(32, 1, 3, 3)),
+                         [(2, 32, 16, 16)], Cost(macs=2 * 32 * 8 * 8 * 9)),
+    # reflect padding 5x5 -> 5x5: the taps over the padding are multiply-adds like any other
+    "conv2d-reflect": ("conv2d", {**CONV, "padding_mode": "reflect"}, w(weight=(4, 3, 3, 3)), [(1, 3, 5, 5)],
+                       Cost(macs=5 * 5 * 4 * 3 * 3 * 3)),
+    # 3x2 kernel, stride (2, 1), padding t0 l1 b1 r0, dilation (1, 2), groups 2, 4 -> 6 on 7x6:
+    # H' = (7+0+1 - 1*2 - 1)//2 + 1 = 3, W' = (6+1+0 - 2*1 - 1)//1 + 1 = 5; C/G = 2 per filter
+    "conv2d-strided": ("conv2d", {"stride": [2, 1], "padding": [0, 1, 1, 0], "dilation": [1, 2], "groups": 2,
+                                  "padding_mode": "zeros"}, w(weight=(6, 2, 3, 2), bias=(6,)), [(1, 4, 7, 6)],
+                       Cost(macs=3 * 5 * 6 * 2 * 3 * 2, other=3 * 5 * 6)),
+    # rows = 3*4 leading positions, 10 in, 5 out; one bias add per output
+    "linear": ("linear", {}, w(weight=(5, 10), bias=(5,)), [(3, 4, 10)], Cost(macs=12 * 10 * 5, other=12 * 5)),
+    # one x * alpha + beta per element
+    "batch_norm": ("batch_norm", {"eps": 1e-5}, BN, [(2, 4, 3, 3)], Cost(other=2 * 4 * 3 * 3)),
+    # activations: one evaluation per element
+    "relu": ("relu", {}, {}, [(1, 3, 4, 4)], Cost(other=3 * 4 * 4)),
+    "clip": ("clip", {"min": 0.0, "max": 6.0}, {}, [(2, 5)], Cost(other=2 * 5)),
+    "leaky_relu": ("leaky_relu", {"negative_slope": 0.1}, {}, [(2, 3, 4)], Cost(other=2 * 3 * 4)),
+    "prelu": ("prelu", {}, w(weight=(3,)), [(2, 3, 4)], Cost(other=2 * 3 * 4)),
+    "sigmoid": ("sigmoid", {}, {}, [(4, 5)], Cost(other=4 * 5)),
+    "tanh": ("tanh", {}, {}, [(1, 2, 3, 3)], Cost(other=2 * 3 * 3)),
+    "silu": ("silu", {}, {}, [(2, 8)], Cost(other=2 * 8)),
+    "hardswish": ("hardswish", {}, {}, [(3, 7)], Cost(other=3 * 7)),
+    # 4 per element (max, exp, sum, divide); log_softmax + 1 log per row: rows = 2*3 (axis 1 reduced)
+    "softmax": ("softmax", {"axis": 1}, {}, [(2, 10)], Cost(other=4 * 2 * 10)),
+    "log_softmax": ("log_softmax", {"axis": 1}, {}, [(2, 10, 3)], Cost(other=4 * 2 * 10 * 3 + 2 * 3)),
+    # 5 -> 3 windows per axis cut to the input, [0,2) [1,4) [3,5): 2 + 3 + 2 = 7 taps per axis
+    "max_pool2d": ("max_pool2d", {**POOL, "dilation": [1, 1]}, {}, [(1, 2, 5, 5)], Cost(other=2 * 7 * 7)),
+    # dilation 2, 6 -> 2 windows per axis at -1 (taps -1, 1, 3: 2 in bounds) and 1 (1, 3, 5: 3)
+    "max_pool2d-dilated": ("max_pool2d", {**POOL, "dilation": [2, 2]}, {}, [(1, 3, 6, 6)],
+                           Cost(other=3 * (2 + 3) * (2 + 3))),
+    # 2x2 stride 2 no padding on 4x4: every element read once
+    "max_pool2d-tiled": ("max_pool2d", {**POOL, "kernel": [2, 2], "padding": [0, 0], "dilation": [1, 1]}, {},
+                         [(1, 8, 4, 4)], Cost(other=8 * 4 * 4)),
+    # the same 7 taps per axis as max_pool2d, plus one divide per 3x3 output
+    "avg_pool2d": ("avg_pool2d", AVG, {}, [(1, 2, 5, 5)], Cost(other=2 * 7 * 7 + 2 * 3 * 3)),
+    # ceil_mode 2x2 stride 2 on 5: windows [0,2) [2,4) [4,5): 2 + 2 + 1 taps; 3x3 divides
+    "avg_pool2d-ceil": ("avg_pool2d", {**AVG, "kernel": [2, 2], "padding": [0, 0], "ceil_mode": True,
+                                       "count_include_pad": False}, {}, [(1, 1, 5, 5)],
+                        Cost(other=(2 + 2 + 1) * (2 + 2 + 1) + 3 * 3)),
+    # 7 -> 3 windows [0,3) [2,5) [4,7): 9 rows; 5 -> 2 windows [0,3) [2,5): 6 cols; + 3*2 divides
+    "adaptive_avg_pool2d": ("adaptive_avg_pool2d", {"output_size": [3, 2]}, {}, [(1, 2, 7, 5)],
+                            Cost(other=2 * 9 * 6 + 2 * 3 * 2)),
+    # one add per input element, one divide per output element
+    "mean": ("mean", {"dims": [2, 3], "keepdim": False}, {}, [(1, 3, 4, 4)], Cost(other=3 * 4 * 4 + 3)),
+    # one per output element after broadcasting (2, 3, 4)
+    "add": ("add", {}, {}, [(2, 3, 4), (3, 1)], Cost(other=2 * 3 * 4)),
+    "mul": ("mul", {}, {}, [(2, 1, 4), (3, 1)], Cost(other=2 * 3 * 4)),
+    "mul-scalar": ("mul", {"scalar": 0.5}, {}, [(2, 5)], Cost(other=2 * 5)),
+    # data movement only
+    "flatten": ("flatten", {"start_dim": 1, "end_dim": 2}, {}, [(2, 3, 4)], Cost()),
+    "reshape": ("reshape", {"shape": [-1]}, {}, [(2, 3)], Cost()),
+    "permute": ("permute", {"perm": [0, 2, 1]}, {}, [(2, 3, 4)], Cost()),
+    "concat": ("concat", {"axis": 1}, {}, [(2, 3), (2, 4)], Cost()),
+    "identity": ("identity", {}, {}, [(2, 3)], Cost()),
+    # C=16 -> N=32, 3x3, 8x8 positions, M=4, d = 16*9: P * (G*M*d + N*M); one bias add per output
+    "basis_conv2d": ("basis_conv2d", {**CONV, "rank": 4}, w(basis=(4, 16, 3, 3), combine=(32, 4), bias=(32,)),
+                     [(1, 16, 8, 8)], Cost(macs=64 * (1 * 4 * 144 + 32 * 4), other=64 * 32)),
+    # groups 2, M=3 per group, d = 8*9
+    "basis_conv2d-groups": ("basis_conv2d", {**CONV, "groups": 2, "rank": 3}, w(basis=(6, 8, 3, 3), combine=(32, 3)),
+                            [(1, 16, 8, 8)], Cost(macs=64 * (2 * 3 * 72 + 32 * 3))),
+    # rows * (M*in + out*M) + rows * out bias adds
+    "basis_linear": ("basis_linear", {"rank": 6}, w(basis=(6, 20), combine=(7, 6), bias=(7,)), [(3, 20)],
+                     Cost(macs=3 * (6 * 20 + 7 * 6), other=3 * 7)),
+    # 3x3, C = 2*4 -> S = 4*4, ranks 3, 2, on 10x10 padded: 100 positions. Chain in modes (9, 2, 4),
+    # out (1, 4, 4): r0 r1 (out_1..k)(in_k..in_D) = 1*3*1*(9*2*4) + 3*2*(1*4)*(2*4) + 2*1*(1*4*4)*4
+    "tt_conv2d-contract": ("tt_conv2d", {**TTC, "strategy": "contract"}, TTC_W, [(1, 8, 10, 10)],
+                           Cost(macs=100 * (1 * 3 * 1 * 72 + 3 * 2 * 4 * 8 + 2 * 1 * 16 * 4))),
+    # the rebuilt 16 x 8 x 3 x 3 kernel as a conv
+    "tt_conv2d-dense": ("tt_conv2d", {**TTC, "strategy": "dense"}, TTC_W, [(1, 8, 10, 10)],
+                        Cost(macs=100 * 16 * 8 * 9)),
+    # 20 = 4*5 -> 6 = 3*2, rank 2, 3 rows: core1 1*2 * out(3) * in(4*5) + core2 2*1 * out(3*2) * in(5)
+    "tt_linear-contract": ("tt_linear", {**TTL, "strategy": "contract"}, TTL_W, [(3, 20)],
+                           Cost(macs=3 * (1 * 2 * 3 * 20 + 2 * 1 * 6 * 5), other=3 * 6)),
+    # dense 20*6 per row: fewer MACs, so auto runs it
+    "tt_linear-auto": ("tt_linear", TTL, TTL_W, [(3, 20)], Cost(macs=3 * 20 * 6, other=3 * 6)),
+}
 
 
-def test_conv_and_linear_by_hand():
-    # 3x3 conv 64 -> 128, padding 1, 32x32: 32*32 positions * 128 filters * 64*9 taps
-    w = {"weight": rand(128, 64, 3, 3), "bias": rand(128)}
-    assert costs("conv2d", CONV, w, rand(1, 64, 32, 32)) == both(Cost(macs=75_497_472, other=131_072))
-    # depthwise 3x3 stride 2 on 2 x 32 x 16 x 16: 2*32 channels * 8*8 positions * 9 taps, no bias
-    dw = {"weight": rand(32, 1, 3, 3)}
-    assert costs("conv2d", {**CONV, "groups": 32, "stride": [2, 2]}, dw, rand(2, 32, 16, 16)) == \
-        both(Cost(macs=36_864))
-    # reflect padding: the taps over the padding are multiply-adds like any other
-    assert costs("conv2d", {**CONV, "padding_mode": "reflect"}, {"weight": rand(4, 3, 3, 3)},
-                 rand(1, 3, 5, 5)) == both(Cost(macs=25 * 4 * 27))
-    lin = {"weight": rand(5, 10), "bias": rand(5)}
-    assert costs("linear", {}, lin, rand(3, 4, 10)) == both(Cost(macs=12 * 10 * 5, other=12 * 5))
+@pytest.mark.parametrize("case", sorted(HAND))
+def test_op_costs_by_hand(case):
+    """Analytic and executed counts both equal the hand-computed Cost."""
+    op, attrs, weights, shapes, want = HAND[case]
+    xs = [rand(*s, seed=i) for i, s in enumerate(shapes)]
+    assert costs(op, attrs, weights, *xs) == both(want)
 
 
-def test_basis_layers_by_hand():
-    # C=16 -> N=32, 3x3, 8x8 positions, M=4: 64 * (M*d + N*M) = 64 * (4*144 + 32*4)
-    w = {"basis": rand(4, 16, 3, 3), "combine": rand(32, 4), "bias": rand(32)}
-    assert costs("basis_conv2d", {**CONV, "rank": 4}, w, rand(1, 16, 8, 8)) == \
-        both(Cost(macs=45_056, other=64 * 32))
-    # groups 2, M=3 per group, d = 8*9: 64 * (2*3*72 + 32*3)
-    w = {"basis": rand(6, 8, 3, 3), "combine": rand(32, 3)}
-    assert costs("basis_conv2d", {**CONV, "groups": 2, "rank": 3}, w, rand(1, 16, 8, 8)) == \
-        both(Cost(macs=33_792))
-    n = Node("n", "basis_conv2d", ["x"], {**CONV, "groups": 2, "rank": 3}, w)
-    # break-even per group: (N/G) d / (d + N/G) = 16*72 / 88
-    assert OPS["basis_conv2d"].count_details(n, [(1, 16, 8, 8)], (1, 32, 8, 8)) == \
+def test_every_op_has_a_hand_example():
+    assert set(OPS) <= {op for op, *_ in HAND.values()}, set(OPS) - {op for op, *_ in HAND.values()}
+
+
+def test_basis_conv2d_break_even_by_hand():
+    op, attrs, weights, shapes, _ = HAND["basis_conv2d-groups"]
+    n = Node("n", op, ["x"], attrs, weights)
+    # per group: (N/G) d / (d + N/G) = 16*72 / (72 + 16)
+    assert OPS[op].count_details(n, shapes, (1, 32, 8, 8)) == \
         {"rank": 3, "break_even_rank": pytest.approx(16 * 72 / 88)}
-    w = {"basis": rand(6, 20), "combine": rand(7, 6), "bias": rand(7)}
-    assert costs("basis_linear", {"rank": 6}, w, rand(3, 20)) == both(Cost(macs=3 * (6 * 20 + 7 * 6), other=21))
 
 
-def test_tt_layers_by_hand_both_ways():
-    # tt_linear 20 = 4*5 -> 6 = 3*2, rank 2, 3 rows. Contract: core1 1*2 * out(3) * in(4*5) = 120,
-    # core2 2*1 * out(3*2) * in(5) = 60 per row; dense 20*6 = 120 per row.
-    w = {"core1": rand(1, 4, 3, 2), "core2": rand(2, 5, 2, 1), "bias": rand(6)}
-    attrs = {"in_modes": [4, 5], "out_modes": [3, 2], "ranks": [2]}
-    x = rand(3, 20)
-    # the node's own way: auto = fewer MACs = dense; either way on request
-    assert costs("tt_linear", attrs, w, x) == both(Cost(macs=360, other=18))
-    assert costs("tt_linear", attrs, w, x, strategy="contract")[1] == Cost(macs=540, other=18)
-    assert costs("tt_linear", {**attrs, "strategy": "contract"}, w, x) == both(Cost(macs=540, other=18))
-    # tt_conv2d 3x3, C = 2*4 -> S = 4*4, ranks 3, 2, on 10x10 padded: 100 positions. Chain in
-    # modes (9, 2, 4), out (1, 4, 4): 1*3*1*72 + 3*2*4*8 + 2*1*16*4 = 536 per position; dense 72*16.
-    w = {"core0": rand(1, 9, 1, 3), "core1": rand(3, 2, 4, 2), "core2": rand(2, 4, 4, 1)}
-    attrs = {**CONV, "kernel_size": [3, 3], "in_modes": [2, 4], "out_modes": [4, 4], "ranks": [3, 2]}
-    del attrs["groups"]
-    x = rand(1, 8, 10, 10)
-    for strategy, macs in (("contract", 53_600), ("dense", 115_200)):
-        assert costs("tt_conv2d", {**attrs, "strategy": strategy}, w, x) == both(Cost(macs=macs))
-    n = Node("n", "tt_conv2d", ["x"], attrs, w)
-    assert OPS["tt_conv2d"].count_details(n, [x.shape], (1, 16, 10, 10)) == \
-        {"strategy": "contract", "macs_contract": 53_600, "macs_dense": 115_200}
-
-
-def test_other_ops_by_hand():
-    pool = {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "ceil_mode": False}
-    x = rand(1, 2, 5, 5)
-    # windows along each axis cut to the input: [0,2) [1,4) [3,5): 2 + 3 + 2 = 7 taps, 7*7 per plane
-    assert costs("max_pool2d", {**pool, "dilation": [1, 1]}, {}, x) == both(Cost(other=2 * 49))
-    # the same adds, plus one divide per output element
-    avg = {**pool, "count_include_pad": True, "divisor_override": None}
-    assert costs("avg_pool2d", avg, {}, x) == both(Cost(other=2 * 49 + 2 * 9))
-    # 7 -> 3 windows [0,3) [2,5) [4,7), 5 -> 2 windows [0,3) [2,5): 9 * 6 adds per plane
-    assert costs("adaptive_avg_pool2d", {"output_size": [3, 2]}, {}, rand(1, 2, 7, 5)) == \
-        both(Cost(other=2 * 54 + 2 * 6))
-    assert costs("mean", {"dims": [2, 3], "keepdim": False}, {}, rand(1, 3, 4, 4)) == both(Cost(other=48 + 3))
-    bn = {k: rand(4) + 2 for k in ("weight", "bias", "running_mean", "running_var")}
-    assert costs("batch_norm", {"eps": 1e-5}, bn, rand(2, 4, 3, 3)) == both(Cost(other=72))
-    assert costs("relu", {}, {}, rand(1, 3, 4, 4)) == both(Cost(other=48))
-    assert costs("softmax", {"axis": 1}, {}, rand(2, 10)) == both(Cost(other=80))
-    assert costs("log_softmax", {"axis": 1}, {}, rand(2, 10)) == both(Cost(other=80 + 2))
-    assert costs("add", {}, {}, rand(2, 3, 4), rand(3, 1)) == both(Cost(other=24))
-    assert costs("reshape", {"shape": [-1]}, {}, rand(2, 3)) == both(Cost())
+def test_tt_strategy_by_hand():
+    """The counting kernel counts either way on request; the details give both ways' MACs."""
+    _, _, _, _, contract = HAND["tt_linear-contract"]
+    assert costs("tt_linear", TTL, TTL_W, rand(3, 20), strategy="contract")[1] == contract
+    n = Node("n", "tt_conv2d", ["x"], TTC, TTC_W)
+    assert OPS["tt_conv2d"].count_details(n, [(1, 8, 10, 10)], (1, 16, 10, 10)) == \
+        {"strategy": "contract", "macs_contract": HAND["tt_conv2d-contract"][4].macs,
+         "macs_dense": HAND["tt_conv2d-dense"][4].macs}
 
 
 def test_stored_and_learnable_params(variants):

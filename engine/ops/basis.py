@@ -9,9 +9,11 @@ basis_linear (attrs: rank M; weights basis (M, in) fixed, combine (out, M), bias
   y = (x @ basis.T) @ combine.T + bias over the last dim.
 
 The reference is the composition of the conv2d / linear reference kernels, so the op is defined
-by the two stages above and nothing else. Fast path: stage 1 = conv2d_fast with the basis, once
-per input (every output channel of a group reuses the same G*M responses); stage 2 = conv2d_fast's
-unpadded 1x1 path, one BLAS sgemm (N/G, M) @ (M, H'W') per image and group, then the bias add.
+by the two stages above and nothing else. Fast path (conv.basis_conv2d_fast -> gemm.conv_gemm):
+both stages in the same GEMM tasks; stage 1 once per input (every output channel of a group
+reuses the same G*M responses), by im2col + sgemm, or with stride 1 and M < C/G by kn2row (one
+sgemm over the taps, then shifted adds); stage 2 one sgemm (N/G, M) @ (M, columns) per task and
+group; bias, a fused residual add and the activation in the epilogue.
 Cost: macs = B*H'*W'*(G*M*d + N*M) with d = (C/G)*kh*kw; other = B*N*H'*W' bias adds when there
 is a bias (basis_linear: macs = rows*(M*in + out*M), other = rows*out).
 Counted: the two stages through the counting conv / linear kernels, their counts added.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from ..graph import Node
 from . import Cost, Op, mismatch, numel, register
-from .conv import Conv2d, check_weight, conv2d_fast
+from .conv import Conv2d, basis_conv2d_fast, check_weight, conv_workspace
 from .linear import Linear, linear_counted, linear_fast
 from .shape import int_min
 
@@ -90,19 +92,21 @@ class BasisConv2d(Op):
         return _CONV.reference(stage2, _CONV.reference(stage1, x))
 
     def run(self, node, x):
+        return self.run_fused(node, [x])
+
+    def run_fused(self, node, xs, act=None, residual=None):
+        """Both stages in the same GEMM tasks, bias, residual add and activation in their
+        epilogue (conv.basis_conv2d_fast)."""
         a, w = node.attrs, node.weights
-        s = conv2d_fast(x, w["basis"], None, a["stride"], a["padding"], a["dilation"], a["groups"],
-                        a["padding_mode"])  # (B, G*M, H', W') basis responses, computed once
-        N, M = w["combine"].shape
-        return conv2d_fast(s, w["combine"].reshape(N, M, 1, 1), w.get("bias"), (1, 1), (0, 0, 0, 0),
-                           (1, 1), a["groups"], "zeros")
+        return basis_conv2d_fast(xs[0], w["basis"], w["combine"], w.get("bias"), a["stride"],
+                                 a["padding"], a["dilation"], a["groups"], a["padding_mode"], act,
+                                 residual)
 
     def workspace(self, node, in_shapes, out_shape):
-        """Scratch elements besides the output: the stage-1 responses (B, G*M, H', W') and
-        whatever stage 1's conv2d needs itself."""
-        B, _, ho, wo = out_shape
-        s = (B, node.weights["basis"].shape[0], ho, wo)
-        return numel(s) + _CONV.workspace(_stages(node)[0], in_shapes, s)
+        """Scratch elements besides the output: the fused kernel's (conv_workspace: im2col or
+        kn2row columns and the stage-1 responses of a task or batch group)."""
+        return conv_workspace(in_shapes[0], out_shape, node.weights["basis"].shape,
+                              node.attrs["groups"], node.attrs, node.attrs["rank"])
 
     def cost(self, node, in_shapes, out_shape):
         GM, Cg, kh, kw = node.weights["basis"].shape

@@ -5,12 +5,14 @@ Also the helpers shared with the other op modules: `out_size` (window count of a
 sweep), `conv_out_hw`, `pad2d` (padding of an NCHW tensor by mode), `tap` (one kernel tap of
 every window) and `check_weight`.
 
-Fast path `conv2d_fast` (bias add and fused activation applied in place at the end):
+Fast path `conv2d_fast` (bias, a fused residual add and the activation in one epilogue):
   - groups == C (depthwise, any channel multiplier): `_depthwise`, a direct Numba kernel with one
-    prange task per (image, output channel).
-  - 1x1, stride 1, unpadded: no lowering, the image is the column matrix: W_g @ x[b, group g].
-  - otherwise, per image: `_im2col` (Numba prange over column-matrix rows) from the input padded
-    once per call, then one BLAS sgemm per group outside prange.
+    prange task per (image, output channel); residual and activation after, in NumPy.
+  - otherwise `gemm.conv_gemm`: im2col (zero padding inline; other modes padded first) and
+    single-threaded sgemm inside Numba prange tasks, per image or the whole batch as one GEMM
+    for small H'W' (see ops/gemm.py); 1x1 stride-1 unpadded convs use the image itself.
+`basis_conv2d_fast` runs both stages of a basis conv in the same tasks (ops/basis.py).
+`_im2col` below is the older per-image lowering, kept as a tested helper.
 Cost: macs = B*N*H'*W'*(C/G)*kh*kw; other = B*N*H'*W' (the bias add) when there is a bias.
 Counted (`conv2d_counted`, also the MAC kernel of linear, basis and TT): `_conv_counted`, direct
 loops over every (b, n, oy, ox, c, i, j) tap of the padded input, taps reading padding included.
@@ -23,6 +25,7 @@ from numba import njit, prange
 from ..errors import FormatError
 from . import Cost, Op, attr, mismatch, numel, register
 from .activation import apply_act
+from .gemm import conv_gemm, workspace
 from .shape import int_min, ints
 
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -118,40 +121,60 @@ def _depthwise(xp, w, bias, sh, sw, dh, dw, out):
                             acc[ox] += wv * row[ox * sw + x0]
 
 
-def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode, act=None):
+def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode, act=None,
+                residual=None):
     """Fast conv2d of float32 C-contiguous x (B, C, H, W) with weight (N, C/G, kh, kw) and bias
-    (N) or None; then activation `act` (see activation.apply_act) in place. Shapes must have
-    passed Conv2d.infer."""
+    (N) or None; then + residual (an array the output's shape, or one NumPy broadcasts to it)
+    and activation `act` (see activation.apply_act). Shapes must have passed Conv2d.infer."""
     B, C, H, W = x.shape
     N, Cg, kh, kw = weight.shape
-    sh, sw = stride
-    dh, dw = dilation
     ho, wo = conv_out_hw(H, W, kh, kw, stride, padding, dilation)
+    if groups != C:  # GEMM-shaped: im2col + sgemm tasks with a fused epilogue
+        if padding_mode != "zeros" and any(padding):
+            x, padding = pad2d(x, padding, padding_mode), (0, 0, 0, 0)
+        return conv_gemm(x, weight, bias, stride, padding, dilation, groups, ho, wo, act=act,
+                         residual=residual)
     xp = pad2d(x, padding, padding_mode)  # (B, C, H + top + bottom, W + left + right)
-    if groups == C:
-        out = np.empty((B, N, ho, wo), np.float32)
-        bias_n = bias if bias is not None else np.zeros(N, np.float32)  # (N)
-        _depthwise(xp, weight.reshape(N, kh, kw), bias_n, sh, sw, dh, dw, out)
-    else:
-        K, Ng = Cg * kh * kw, N // groups
-        wg = weight.reshape(groups, Ng, K)  # (G, N/G, C/G*kh*kw) weight matrix of each group
-        out = np.empty((B, N, ho * wo), np.float32)
-        direct = kh == kw == 1 and sh == sw == 1 and not any(padding)
-        # (C*kh*kw, H'*W') column matrix of one image
-        cols = None if direct else np.empty((groups * K, ho * wo), np.float32)
-        for b in range(B):
-            if direct:
-                cols = x[b].reshape(C, H * W)
-            else:
-                _im2col(xp[b], kh, kw, sh, sw, dh, dw, ho, wo, cols)
-            for g in range(groups):
-                np.matmul(wg[g], cols[g * K:(g + 1) * K], out=out[b, g * Ng:(g + 1) * Ng])
-        if bias is not None:
-            out += bias[:, None]
-        out = out.reshape(B, N, ho, wo)
+    out = np.empty((B, N, ho, wo), np.float32)
+    bias_n = bias if bias is not None else np.zeros(N, np.float32)  # (N)
+    _depthwise(xp, weight.reshape(N, kh, kw), bias_n, *stride, *dilation, out)
+    if residual is not None:
+        out = np.add(out, residual)
     if act is not None:
         apply_act(out, act)
     return out
+
+
+def basis_conv2d_fast(x, basis, combine, bias, stride, padding, dilation, groups, padding_mode,
+                      act=None, residual=None):
+    """Fast basis conv: stage 1 with basis (G*M, C/G, kh, kw) and stage 2 with combine (N, M)
+    (grouped 1x1) in the same GEMM tasks (gemm.conv_gemm), then + bias, + residual and `act`
+    in its epilogue. Shapes must have passed BasisConv2d.infer."""
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], basis.shape[2], basis.shape[3], stride, padding,
+                         dilation)
+    if padding_mode != "zeros" and any(padding):
+        x, padding = pad2d(x, padding, padding_mode), (0, 0, 0, 0)
+    return conv_gemm(x, basis, bias, stride, padding, dilation, groups, ho, wo, w2=combine,
+                     act=act, residual=residual)
+
+
+def conv_workspace(x_shape, out_shape, weight_shape, groups, attrs, rank=None) -> int:
+    """Scratch values conv2d_fast (rank None, weight_shape the weight's) or basis_conv2d_fast
+    (weight_shape the basis') allocate besides the output (B, N, H', W'): a padded copy of the
+    input where the padding is not zeros or the conv is depthwise, and the GEMM kernels'
+    scratch (gemm.workspace)."""
+    B, C, H, W = x_shape
+    N, ho, wo = out_shape[1], out_shape[2], out_shape[3]
+    t, l, b, r = attrs["padding"]
+    padded = B * C * (H + t + b) * (W + l + r) if t or l or b or r else 0
+    if groups == C and rank is None:
+        return padded
+    if attrs["padding_mode"] == "zeros":
+        padded = 0
+    else:
+        H, W = H + t + b, W + l + r
+    return padded + workspace(B, C, N, weight_shape[2], weight_shape[3], ho, wo, groups, rank,
+                              attrs["stride"], H, W, attrs["dilation"][0])
 
 
 @njit(cache=True)
@@ -203,11 +226,11 @@ class Conv2d(Op):
         ints(node, "dilation", 1, 2)
         groups = int_min(node, "groups", 1)
         if attr(node, "padding_mode", str) not in PADDING_MODES:
-            raise FormatError(f"node '{node.name}' (conv2d): padding_mode must be one of "
+            raise FormatError(f"node '{node.name}' ({node.op}): padding_mode must be one of "
                               f"{sorted(PADDING_MODES)}, got {node.attrs['padding_mode']!r}")
         w = node.weights.get("weight")
         if w is not None and w.ndim == 4 and w.shape[0] % groups:
-            raise FormatError(f"node '{node.name}' (conv2d): groups {groups} does not divide "
+            raise FormatError(f"node '{node.name}' ({node.op}): groups {groups} does not divide "
                               f"the {w.shape[0]} output channels")
 
     def infer(self, node, in_shapes):
@@ -261,13 +284,17 @@ class Conv2d(Op):
         return conv2d_fast(x, node.weights["weight"], node.weights.get("bias"), a["stride"],
                            a["padding"], a["dilation"], a["groups"], a["padding_mode"])
 
+    def run_fused(self, node, xs, act=None, residual=None):
+        a = node.attrs
+        return conv2d_fast(xs[0], node.weights["weight"], node.weights.get("bias"), a["stride"],
+                           a["padding"], a["dilation"], a["groups"], a["padding_mode"], act,
+                           residual)
+
     def workspace(self, node, in_shapes, out_shape):
-        """Scratch elements: the padded input and one image's im2col columns (C/G*kh*kw, H'*W')."""
-        B, C, H, W = in_shapes[0]
-        t, l, b, r = node.attrs["padding"]
-        _, Cg, kh, kw = node.weights["weight"].shape
-        padded = B * C * (H + t + b) * (W + l + r) if t or l or b or r else 0
-        return padded + C * kh * kw * out_shape[2] * out_shape[3]
+        """Scratch elements: a padded input copy where needed and the GEMM tasks' im2col
+        columns (conv_workspace)."""
+        return conv_workspace(in_shapes[0], out_shape, node.weights["weight"].shape,
+                              node.attrs.get("groups", 1), node.attrs)
 
     def cost(self, node, in_shapes, out_shape):
         _, Cg, kh, kw = node.weights["weight"].shape

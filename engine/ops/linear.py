@@ -1,7 +1,8 @@
 """linear: y = x @ W.T + b over the last dim of an input of any rank.
 
-Fast path `linear_fast`: one BLAS sgemm on x viewed as (rows, in) against the transposed weight
-view (no copy), then bias add and fused activation in place.
+Fast path `linear_fast`: gemm.linear_gemm, the sgemm of x viewed as (rows, in) against the
+transposed weight view (no copy) split over Numba tasks, then bias add, fused residual add and
+activation.
 Cost: macs = rows*in*out (rows = product of the leading dims); other = rows*out (the bias add)
 when there is a bias.
 Counted: `linear_counted`, the counting conv kernel on x viewed as (rows, in, 1, 1).
@@ -11,18 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 from . import Cost, Op, mismatch, numel, register
-from .activation import apply_act
 from .conv import check_weight, conv2d_counted
+from .gemm import linear_gemm
 
 
-def linear_fast(x, weight, bias, act=None):
-    """x (..., in) @ weight (out, in).T + bias (out) or None, then activation `act` in place."""
-    y = x.reshape(-1, x.shape[-1]) @ weight.T  # (rows, out)
-    if bias is not None:
-        y += bias
-    if act is not None:
-        apply_act(y, act)
-    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+def linear_fast(x, weight, bias, act=None, residual=None):
+    """x (..., in) @ weight (out, in).T + bias (out) or None, + residual, then activation `act`:
+    gemm.linear_gemm (the sgemm in Numba tasks, single-threaded BLAS each)."""
+    return linear_gemm(np.ascontiguousarray(x), weight, bias, act, residual)
 
 
 def linear_counted(x, weight, bias):
@@ -59,6 +56,9 @@ class Linear(Op):
 
     def run(self, node, x):
         return linear_fast(x, node.weights["weight"], node.weights.get("bias"))
+
+    def run_fused(self, node, xs, act=None, residual=None):
+        return linear_fast(xs[0], node.weights["weight"], node.weights.get("bias"), act, residual)
 
     def cost(self, node, in_shapes, out_shape):
         out, inp = node.weights["weight"].shape

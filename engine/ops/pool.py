@@ -191,12 +191,32 @@ def _pool2d(x, kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor, out):
                     out[p, oy, ox] /= d
 
 
+@njit(cache=True, parallel=True)
+def _max2x2(x, out):
+    """2x2 stride-2 max pooling of planes x (P, H, W) into out (P, H', W'), 2H' <= H, 2W' <= W,
+    NaN propagating as np.maximum; one prange task per plane."""
+    P = x.shape[0]
+    ho, wo = out.shape[1], out.shape[2]
+    for p in prange(P):
+        for oy in range(ho):
+            r0 = x[p, 2 * oy]
+            r1 = x[p, 2 * oy + 1]
+            o = out[p, oy]
+            for ox in range(wo):
+                o[ox] = np.maximum(np.maximum(r0[2 * ox], r0[2 * ox + 1]),
+                                   np.maximum(r1[2 * ox], r1[2 * ox + 1]))
+
+
 def _run_pool(x, geometry, avg, include_pad=0, divisor=0):
     """Run _pool2d over the B*C planes of x (B, C, H, W) for geometry (H', W', kh, kw, sh, sw,
-    ph, pw, dh, dw)."""
+    ph, pw, dh, dw); 2x2 stride-2 unpadded max pooling by _max2x2."""
     ho, wo, kh, kw, sh, sw, ph, pw, dh, dw = geometry
     B, C, H, W = x.shape
     out = np.empty((B, C, ho, wo), np.float32)
+    if not avg and (kh, kw, sh, sw, ph, pw, dh, dw) == (2, 2, 2, 2, 0, 0, 1, 1) \
+            and 2 * ho <= H and 2 * wo <= W:
+        _max2x2(x.reshape(B * C, H, W), out.reshape(B * C, ho, wo))
+        return out
     _pool2d(x.reshape(B * C, H, W), kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor,
             out.reshape(B * C, ho, wo))
     return out
@@ -354,6 +374,16 @@ class AdaptiveAvgPool2d(Op):
 
     def reference(self, node, x):
         return _box_means(x, *self.box(node, x.shape))
+
+    def run(self, node, x):
+        """Windows that tile the input evenly (global pooling, H % H' == 0): reshaped sums in
+        float64, as the reference; else the reference."""
+        B, C, H, W = x.shape
+        ho, wo = self.infer(node, [x.shape])[2:]
+        if H % ho or W % wo:
+            return self.reference(node, x)
+        s = x.reshape(B, C, ho, H // ho, wo, W // wo).sum(axis=(3, 5), dtype=np.float64)
+        return (s / ((H // ho) * (W // wo))).astype(np.float32)
 
     def counted(self, node, x):
         return _box_means_counted(x, *self.box(node, x.shape))

@@ -33,6 +33,7 @@ from ..errors import FormatError, InputError
 from ..graph import Graph, Node
 from . import Cost, Op, attr, mismatch, numel, register
 from .conv import Conv2d, check_weight, conv2d_counted, conv2d_fast
+from .gemm import matmul  # single-threaded sgemm in Numba tasks (docs/ARCHITECTURE.md, Threading)
 from .linear import linear_counted, linear_fast
 from .shape import ints
 
@@ -99,7 +100,7 @@ def _contract(t: np.ndarray, cores) -> np.ndarray:
     """Fast chain: t laid out (r_0, in_1..in_D, P) -> (P, prod out_k), one matmul per core."""
     for g in cores:                                         # (r_{k-1}, in_k, out_k, r_k)
         r, n, m, r2 = g.shape
-        t = g.reshape(r * n, m * r2).T @ t.reshape(r * n, -1)   # (out_k, r_k, in_k+1.., P, out_1..)
+        t = matmul(g.reshape(r * n, m * r2).T, t.reshape(r * n, -1))  # (out_k, r_k, in_k+1.., P, out_1..)
         t = np.ascontiguousarray(t.reshape(m, -1).T)            # (r_k, in_k+1.., P, out_1..out_k)
     return t.reshape(-1, numel(g.shape[2] for g in cores))
 
@@ -306,7 +307,8 @@ class TTConv2d(_TT):
 
     def dense_workspace(self, node, in_shapes, out_shape):
         kernel = np.broadcast_to(np.float32(0), (out_shape[1], in_shapes[0][1], *node.attrs["kernel_size"]))
-        dense = Node(node.name, node.op, node.inputs, node.attrs, {"weight": kernel})  # shape only
+        attrs = dict(node.attrs, groups=1)  # the rebuilt kernel is an ungrouped conv
+        dense = Node(node.name, node.op, node.inputs, attrs, {"weight": kernel})  # shape only
         return _CONV.workspace(dense, in_shapes, out_shape)
 
     def _finish(self, node, y, B, ho, wo) -> np.ndarray:

@@ -1,0 +1,351 @@
+"""Speed: the engine vs PyTorch eager vs ONNX Runtime, same models, same inputs, one process.
+
+    .venv/bin/python bench/speed.py                      # all models, batch 1 and 16, print
+    .venv/bin/python bench/speed.py --write              # ... and the "## Speed" section of bench/RESULTS.md
+    .venv/bin/python bench/speed.py --models vgg16-basis --batches 1 --rounds 3
+    .venv/bin/python bench/speed.py --cold-start-only --write
+
+Models (bench/models.py, full widths, 3x32x32 inputs, seeded random weights): VGG-16 (BN
+folded by the engine at load and by ORT's optimizer; PyTorch runs it unfused) and ResNet-18,
+dense; the same nets with every conv but the first as a BasisConv of M = N // 5 (converters
+to_basis, SVD basis + 1x1 combine, ~4.3x fewer MACs); VGG-16 with every conv but the first as
+a TT conv (to_tt, ranks <= 16). ONNX Runtime runs the torch model of each (the BasisConv model
+exports as basis conv + 1x1 conv, the same compressed graph), exported with torch.onnx.export.
+
+Every runtime gets 2 threads (torch.set_num_threads(2), ORT intra_op_num_threads=2, Numba's 2).
+Timing: per (model, batch), R rounds; each round runs every runtime in turn (order rotated) for
+one warm-up call then N timed calls, with a pause between runtimes so that spinning thread pools
+(ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls (and the min). Before
+and after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's BLAS, 2 threads); each
+result is also given as effective GFLOP/s (2 x the engine-counted MACs x batch / time) and as a
+fraction of that SGEMM rate. Cold start: a fresh interpreter to the first output of the BasisConv
+VGG-16 file, with Numba's on-disk cache warm and cold (NUMBA_CACHE_DIR: an empty directory).
+
+The machine is shared: --max-load waits (up to --wait seconds) for the 1-minute load average to
+drop below it before timing, and the load is recorded with the results.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+HEADING = "## Speed"
+THREADS = 2
+MODEL_NAMES = ["vgg16-dense", "vgg16-basis", "vgg16-tt", "resnet18-dense", "resnet18-basis"]
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def build(name: str):
+    """The torch model (eval) of 'net-variant'."""
+    import models
+    net, variant = name.split("-")
+    dense = models.MODELS[net]()
+    return {"dense": lambda: dense, "basis": lambda: models.basis(dense),
+            "tt": lambda: models.tt(dense)}[variant]()
+
+
+def export(name: str, model, workdir: Path) -> tuple[Path, Path]:
+    """(engine .h5, .onnx) of the model, cached in workdir."""
+    import warnings
+
+    import torch
+
+    import converters
+    h5, onnx = workdir / f"{name}.h5", workdir / f"{name}.onnx"
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    if not h5.exists():
+        converters.export(model, x, str(h5), n_random=0, store="outputs")
+    if not onnx.exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, x, str(onnx), input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "B"}, "y": {0: "B"}}, dynamo=False)
+    return h5, onnx
+
+
+# --- measuring -------------------------------------------------------------------------------------
+
+def sgemm_gflops(n: int = 2048, reps: int = 7) -> float:
+    """Median GFLOP/s of np.dot on n x n float32 (NumPy's BLAS, its threads as configured)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), np.float32)
+    np.dot(a, b, out=c)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.dot(a, b, out=c)
+        ts.append(time.perf_counter() - t)
+    time.sleep(0.3)       # OpenBLAS's threads spin for a while after a call
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def interleaved(fns: dict, calls: int, rounds: int, pause: float = 0.25) -> dict:
+    """{name: per-call seconds} of each fn, run in turn `rounds` times (order rotated), each
+    time one warm-up call and `calls` timed calls, with `pause` s between runtimes."""
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            f = fns[k]
+            f()
+            for _ in range(calls):
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+            time.sleep(pause)
+    return times
+
+
+def wait_for_load(max_load: float, wait: float) -> float:
+    """Poll the 1-minute load average until below max_load or `wait` s pass; returns it."""
+    t0 = time.time()
+    load = os.getloadavg()[0]
+    while load > max_load and time.time() - t0 < wait:
+        print(f"  load average {load:.2f} > {max_load}: waiting", file=sys.stderr, flush=True)
+        time.sleep(15)
+        load = os.getloadavg()[0]
+    return load
+
+
+def cold_start(h5: Path, runs: int = 3) -> dict:
+    """Seconds from a fresh interpreter to the first output, Numba cache warm and cold."""
+    code = ("import numpy as np, engine; m = engine.load(%r); "
+            "m(np.zeros((1, 3, 32, 32), np.float32))" % str(h5))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def once(cache_dir):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                       env=dict(env, NUMBA_CACHE_DIR=cache_dir))
+        return time.perf_counter() - t
+
+    with tempfile.TemporaryDirectory() as warm:
+        once(warm)                                            # fills the cache
+        warm_times = [once(warm) for _ in range(runs)]
+    cold_times = []
+    for _ in range(max(1, runs - 1)):
+        with tempfile.TemporaryDirectory() as cold:
+            cold_times.append(once(cold))
+    return {"warm": statistics.median(warm_times), "warm_all": warm_times,
+            "cold": statistics.median(cold_times), "cold_all": cold_times}
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    import numba
+    import onnxruntime
+    import threadpoolctl
+    import torch
+    model = next((line.split(":", 1)[1].strip() for line in
+                  subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                  if line.startswith("Model name")), platform.processor())
+    blas = [f"{i['prefix']} {i.get('version', '')} ({i.get('architecture', '?')} kernels)"
+            for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "numba": numba.__version__, "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "blas": sorted(set(blas)),
+            "coretype": os.environ.get("OPENBLAS_CORETYPE", "(unset: OpenBLAS's own detection)"),
+            "layer": _layer()}
+
+
+def _layer() -> str:
+    import numba
+    try:
+        return numba.threading_layer()
+    except ValueError:          # no parallel kernel has run in this process
+        return str(numba.config.THREADING_LAYER)
+
+
+def run(args) -> dict:
+    import onnxruntime as ort
+    import torch
+
+    import engine
+    torch.set_num_threads(THREADS)
+    import numba
+    numba.set_num_threads(THREADS)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    res = {"rows": [], "load_start": wait_for_load(args.max_load, args.wait)}
+    res["sgemm_start"] = sgemm_gflops()
+    print(f"SGEMM (np.dot 2048^3 float32, {THREADS} threads): {res['sgemm_start']:.1f} GFLOP/s; "
+          f"load {res['load_start']:.2f}", flush=True)
+    for name in args.models:
+        model = build(name)
+        h5, onnx = export(name, model, workdir)
+        m = engine.load(str(h5))
+        sess = ort.InferenceSession(str(onnx), so, providers=["CPUExecutionProvider"])
+        macs = m.count((1, 3, 32, 32)).total["macs"]
+        for B in args.batches:
+            x = np.random.default_rng(B).standard_normal((B, 3, 32, 32), dtype=np.float32)
+            xt = torch.from_numpy(x)
+            with torch.no_grad():
+                want = model(xt).numpy()
+            got_e, got_o = m(x), sess.run(None, {"x": x})[0]
+            scale = float(np.abs(want).max())
+            err = {"engine": float(np.abs(got_e - want).max()) / scale,
+                   "ort": float(np.abs(got_o - want).max()) / scale}
+
+            def torch_call():
+                with torch.no_grad():
+                    model(xt)
+            fns = {"engine": lambda: m(x), "pytorch": torch_call,
+                   "onnxruntime": lambda: sess.run(None, {"x": x})}
+            times = interleaved(fns, args.calls if B > 1 else args.calls * 4, args.rounds)
+            row = {"model": name, "batch": B, "macs": macs, "err": err}
+            for k, ts in times.items():
+                med = statistics.median(ts)
+                row[k] = {"ms": med * 1e3, "min_ms": min(ts) * 1e3, "img_s": B / med,
+                          "gflops": 2 * macs * B / med / 1e9}
+            res["rows"].append(row)
+            e, o, p = row["engine"], row["onnxruntime"], row["pytorch"]
+            print(f"{name:15s} B={B:<3d} engine {e['ms']:8.2f} ms  ORT {o['ms']:8.2f} ms  "
+                  f"torch {p['ms']:8.2f} ms   engine/ORT speed {o['ms'] / e['ms']:.2f}x  "
+                  f"engine {e['gflops']:.0f} GFLOP/s  err {err['engine']:.1e}", flush=True)
+        m = sess = None   # free the model and session before the next one loads
+    res["sgemm_end"] = sgemm_gflops()
+    res["load_end"] = os.getloadavg()[0]
+    print(f"SGEMM at the end: {res['sgemm_end']:.1f} GFLOP/s; load {res['load_end']:.2f}")
+    return res
+
+
+def cold(args) -> dict:
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    h5, _ = export("vgg16-basis", build("vgg16-basis"), workdir)
+    c = cold_start(h5)
+    print(f"cold start (fresh process -> first output, vgg16-basis): warm cache "
+          f"{c['warm']:.2f} s, cold cache {c['cold']:.2f} s", flush=True)
+    return c
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+def label(mach: dict) -> str:
+    """The run's subsection title: which OpenBLAS kernels the engine's sgemm used."""
+    arch = sorted({b.split("(")[-1].split(" ")[0] for b in mach["blas"]})
+    return f"OpenBLAS {'/'.join(arch)} kernels (OPENBLAS_CORETYPE={mach['coretype']})"
+
+
+def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
+    lines = [f"### {label(mach)}", "", f"Command: `{command}`", "",
+             f"Machine: {mach['cpu']}, {mach['cores']} cores (shared with other jobs), Python "
+             f"{mach['python']}, NumPy {mach['numpy']}, Numba {mach['numba']} (threading layer "
+             f"{mach['layer']}), torch {mach['torch']}, onnxruntime {mach['onnxruntime']}; BLAS: "
+             f"{'; '.join(mach['blas'])}; OPENBLAS_CORETYPE={mach['coretype']}. "
+             f"{THREADS} threads per runtime. Run {time.strftime('%Y-%m-%d %H:%M')}."]
+    if res:
+        sg = (res["sgemm_start"] + res["sgemm_end"]) / 2
+        lines += ["", f"SGEMM (np.dot, 2048^3 float32, {THREADS} threads): {res['sgemm_start']:.0f} "
+                  f"GFLOP/s before the runs, {res['sgemm_end']:.0f} after; fractions below are of "
+                  f"their mean, {sg:.0f}. Load average (1 min): {res['load_start']:.2f} at the start, "
+                  f"{res['load_end']:.2f} at the end.", "",
+                  "Median ms per batch (min in brackets); img/s; effective GFLOP/s = 2 x MACs (the "
+                  "engine's count) x batch / time, and its fraction of SGEMM. 'vs ORT' = ORT time / "
+                  "engine time (> 1: the engine is faster). err: max |output - PyTorch| / max |PyTorch|.",
+                  "",
+                  "| model | MACs/img | batch | engine ms | img/s | GFLOP/s | of SGEMM | ORT ms | img/s "
+                  "| GFLOP/s | of SGEMM | PyTorch ms | img/s | engine vs ORT | engine vs PyTorch | err engine / ORT |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            e, o, p = r["engine"], r["onnxruntime"], r["pytorch"]
+            lines.append(
+                f"| {r['model']} | {r['macs'] / 1e6:.1f} M | {r['batch']} | {e['ms']:.2f} ({e['min_ms']:.2f}) "
+                f"| {e['img_s']:.0f} | {e['gflops']:.0f} | {e['gflops'] / sg:.2f} | {o['ms']:.2f} "
+                f"({o['min_ms']:.2f}) | {o['img_s']:.0f} | {o['gflops']:.0f} | {o['gflops'] / sg:.2f} | "
+                f"{p['ms']:.2f} | {p['img_s']:.0f} | {o['ms'] / e['ms']:.2f}x | {p['ms'] / e['ms']:.2f}x | "
+                f"{r['err']['engine']:.1e} / {r['err']['ort']:.1e} |")
+        by = {(r["model"], r["batch"]): r for r in res["rows"]}
+        speedups = []
+        for net in ("vgg16", "resnet18"):
+            for variant in ("basis", "tt"):
+                for B in sorted({r["batch"] for r in res["rows"]}):
+                    d, c = by.get((f"{net}-dense", B)), by.get((f"{net}-{variant}", B))
+                    if d and c:
+                        red = d["macs"] / c["macs"]
+                        s = {k: d[k]["ms"] / c[k]["ms"] for k in ("engine", "onnxruntime", "pytorch")}
+                        speedups.append(
+                            f"| {net} {variant} | {B} | {red:.2f}x | {s['engine']:.2f}x "
+                            f"({s['engine'] / red:.2f} of the MAC reduction) | {s['onnxruntime']:.2f}x | "
+                            f"{s['pytorch']:.2f}x |")
+        if speedups:
+            lines += ["", "Compressed vs dense, time speedup per runtime:", "",
+                      "| model | batch | MAC reduction | engine | ORT | PyTorch |", "|---|---|---|---|---|---|",
+                      *speedups]
+    if cs:
+        lines += ["", f"Cold start, fresh process to the first output of vgg16-basis (interpreter, "
+                  f"imports, load, first call): Numba cache warm {cs['warm']:.2f} s (runs "
+                  f"{', '.join(f'{t:.2f}' for t in cs['warm_all'])}), cold (empty NUMBA_CACHE_DIR, "
+                  f"every kernel compiled) {cs['cold']:.2f} s."]
+    return "\n".join(lines) + "\n"
+
+
+INTRO = (f"{HEADING}\n\nbench/speed.py: the engine, PyTorch eager and ONNX Runtime on the same "
+         "models and inputs in one process, interleaved (see the script's docstring). One subsection "
+         "per OpenBLAS kernel choice; '### Notes' is kept when a run rewrites its subsection.\n")
+
+
+def speed_section(old: str, text: str, title: str) -> str:
+    """The '## Speed' section with `text` (a '### title' block) in place of the block with the
+    same title in `old` (the current RESULTS.md), other blocks kept ('### Notes' last)."""
+    start = old.find(HEADING + "\n")
+    section = ""
+    if start >= 0:
+        end = old.find("\n## ", start + len(HEADING))
+        section = old[start:end + 1 if end >= 0 else len(old)]
+    blocks = {}
+    for part in section.split("\n### ")[1:]:
+        name = part.split("\n", 1)[0].strip()
+        blocks[name] = "### " + part.rstrip("\n") + "\n"
+    blocks[title] = text.rstrip("\n") + "\n"
+    notes = blocks.pop("Notes", None)
+    return INTRO + "\n" + "\n".join(blocks.values()) + (("\n" + notes) if notes else "")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=MODEL_NAMES, choices=MODEL_NAMES)
+    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 16])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per (model, batch)")
+    p.add_argument("--calls", type=int, default=5, help="timed calls per runtime per round (x4 at batch 1)")
+    p.add_argument("--max-load", type=float, default=2.5, help="wait for the load average to drop below")
+    p.add_argument("--wait", type=float, default=600, help="seconds to wait for it at most")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "basisconv-speed"),
+                   help="exported model files (kept between runs)")
+    p.add_argument("--no-cold-start", action="store_true")
+    p.add_argument("--cold-start-only", action="store_true")
+    p.add_argument("--write", action="store_true", help=f"write '{HEADING}' in bench/RESULTS.md")
+    args = p.parse_args(argv)
+    res = None if args.cold_start_only else run(args)
+    cs = None if args.no_cold_start else cold(args)
+    text = report(res, cs, machine(), "python bench/speed.py " + " ".join(argv or sys.argv[1:]))
+    print("\n" + text)
+    if args.write:
+        from results import RESULTS, write_section
+        old = RESULTS.read_text() if RESULTS.exists() else ""
+        write_section(HEADING + "\n", speed_section(old, text, label(machine())))
+        print(f"wrote {ROOT / 'bench' / 'RESULTS.md'} ({HEADING})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,665 @@
+"""GEMM-shaped fast kernels: conv2d and basis conv (im2col + sgemm) and linear, with the bias add,
+a residual add and a simple activation fused into one epilogue, run as Numba-parallel tasks that
+each call single-threaded BLAS.
+
+Threading (docs/ARCHITECTURE.md, "Threading"): one pool per call, Numba's. Every sgemm here is
+called from inside a prange task through Numba's BLAS helper (`numba_xxgemm`, the sgemm that
+scipy.linalg.cython_blas exports), and that BLAS is set to one thread at import
+(`single_threaded_blas`), so OpenBLAS never starts threads of its own that would spin-wait
+against Numba's. NumPy's own BLAS is left as the user set it; the engine does not call it on
+any hot path.
+
+Two ways to split a conv (`conv_gemm`), P = H'W' output positions per image:
+  per image   (P >= PER_IMAGE_MIN) tasks are (image, band of output rows), statically spread
+              over the threads; each task im2cols its band into its thread's scratch, runs the
+              sgemm(s) straight into the output and applies the epilogue there, in cache.
+  batched     (small P: late layers, batch 1) the whole batch's columns (K, B*P) in one matrix
+              (a prange over (image, channel) fills it), then one GEMM split over the threads
+              by output channels when B*P < N (each thread reads half the weights: these layers
+              are weight-bound) or else by columns, the epilogue scattering (N, B*P) back to
+              (B, N, P). Batches whose column matrix would pass BATCH_COLS_CAP values run in
+              groups of images.
+A basis conv runs both stages in the same tasks: the basis responses of a task's columns stay in
+its scratch and are combined at once (batched: a second GEMM phase after a barrier). With stride
+1 and fewer basis filters than input channels per group, stage 1 is kn2row instead of im2col: one
+sgemm of every tap's filters (kh*kw*M rows) against the input itself, then shifted adds
+(`_kn2row_image`, `_kn2row_batched`).
+1x1 stride-1 unpadded convs skip im2col in the per-image split (the image is the column matrix).
+Also here: `linear_gemm` (linear, output features split) and `matmul` (the TT chain).
+im2col of stride-1 'same' convs is one shifted copy per row (`_im2col`); inner loops run on row
+views, which LLVM vectorizes (indexing the flat arrays did not: 7x slower shifted adds).
+
+Work is cut by shapes and the start-up thread count (`threads()`), never by the threads a call
+gets, so results are bit-identical under numba.set_num_threads (dataset runs rely on it).
+
+Epilogue, per output element: v = acc + bias[n], then v += residual[b, n, p] when fused, then the
+activation act (0 none, 1 relu, 2 clip a0..a1, 3 leaky_relu slope a0), in float32, the order and
+rounding of the unfused ops (conv, add, activation); NaN propagates as in NumPy.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.np.linalg import ensure_blas
+
+PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
+COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
+BATCH_COLS_CAP = 1 << 22     # values of the batched column matrix (16 MB): larger batches go in groups
+ACT_CODES = {"relu": 1, "clip": 2, "leaky_relu": 3}
+
+
+def single_threaded_blas() -> list[str]:
+    """Set the BLAS library that scipy.linalg.cython_blas (hence Numba's np.dot and these
+    kernels) calls to one thread; returns the paths limited. NumPy's bundled BLAS is left alone
+    unless SciPy shares it (then it is the same library)."""
+    import scipy
+    from threadpoolctl import ThreadpoolController
+    ensure_blas()                                   # imports scipy.linalg.cython_blas
+    here = os.path.dirname(os.path.realpath(scipy.__file__))
+    roots = (here + os.sep, os.path.join(os.path.dirname(here), "scipy.libs") + os.sep)
+    blas = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+    mine = [c for c in blas if os.path.realpath(c.filepath).startswith(roots)]
+    if not mine:   # SciPy links a BLAS outside its package (system / conda): that one
+        import numpy
+        npdir = os.path.dirname(os.path.realpath(numpy.__file__))
+        mine = [c for c in blas if not os.path.realpath(c.filepath).startswith(
+            (npdir + os.sep, os.path.join(os.path.dirname(npdir), "numpy.libs") + os.sep))]
+    for c in mine:
+        c.set_num_threads(1)
+    return [c.filepath for c in mine]
+
+
+LIMITED_BLAS = single_threaded_blas()
+
+_F32P = types.CPointer(types.float32)
+_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
+    types.char, types.char, types.char, types.intp, types.intp, types.intp,
+    _F32P, _F32P, types.intp, _F32P, types.intp, _F32P, _F32P, types.intp))
+
+
+@njit(cache=True)
+def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
+    """Row-major C = A @ B over flat float32 arrays, single-threaded sgemm:
+    c[oc + i*ldc + j] = sum_l a[oa + i*lda + l] * B[l, j] for i < m, j < n, where B[l, j] is
+    b[ob + l*ldb + j], or b[ob + j*ldb + l] when tb (B stored transposed)."""
+    if m <= 0 or n <= 0:
+        return
+    s = np.empty(2, np.float32)
+    s[0] = 1.0
+    s[1] = 0.0
+    # column-major view: C^T (n x m) = op(B)^T (n x k) @ A^T (k x m)
+    _xxgemm(115, 116 if tb else 110, 110, n, m, k, s[0:].ctypes, b[ob:].ctypes, ldb,
+            a[oa:].ctypes, lda, s[1:].ctypes, c[oc:].ctypes, ldc)
+
+
+@njit(cache=True)
+def _finish(dst, od, src, os_, n, bv, res, orr, has_res, act, a0, a1):
+    """dst[od + q] = act(src[os_ + q] + bv (+ res[orr + q])) for q < n (dst may be src).
+    On row views, so that the loops vectorize."""
+    d = dst[od:od + n]
+    x = src[os_:os_ + n]
+    lo = np.float32(a0)
+    hi = np.float32(a1)
+    if has_res:
+        r = res[orr:orr + n]
+        for q in range(n):
+            d[q] = (x[q] + bv) + r[q]
+    else:
+        for q in range(n):
+            d[q] = x[q] + bv
+    if act == 1:
+        for q in range(n):
+            v = d[q]
+            d[q] = np.float32(0.0) if v < 0 else v
+    elif act == 2:
+        for q in range(n):
+            v = d[q]
+            d[q] = lo if v < lo else (hi if v > hi else v)
+    elif act == 3:
+        for q in range(n):
+            v = d[q]
+            d[q] = v * lo if v < 0 else v
+
+
+@njit(cache=True)
+def _im2col(x, b, c0, c1, kh, kw, sh, sw, dh, dw, pt, pl, oy0, oy1, wo, cols, base, ld):
+    """cols[base + r*ld + (oy - oy0)*wo + ox] = x[b, c, oy*sh - pt + i*dh, ox*sw - pl + j*dw]
+    (0 where that falls outside x: zero padding) for r = ((c - c0)*kh + i)*kw + j,
+    c0 <= c < c1, oy0 <= oy < oy1, ox < wo. Stride 1 with H' rows as wide as the input's (the
+    'same' convs): one shifted copy per row r, then the few columns that wrapped are zeroed."""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    xf = x.ravel()
+    same = sh == 1 and sw == 1 and wo == W
+    for c in range(c0, c1):
+        plane = (b * C + c) * H * W
+        for i in range(kh):
+            # output rows whose input row oy*sh - pt + i*dh lies inside x: [ya, yb)
+            ya = min(oy1, max(oy0, (pt - i * dh + sh - 1) // sh))
+            yb = max(ya, min(oy1, (H - 1 + pt - i * dh) // sh + 1))
+            for j in range(kw):
+                r = ((c - c0) * kh + i) * kw + j
+                off = j * dw - pl                        # ox reads input column ox*sw + off
+                lo = min(wo, max(0, (sw - 1 - off) // sw))
+                hi = max(lo, min(wo, (W - 1 - off) // sw + 1))
+                d0 = base + r * ld
+                cols[d0:d0 + (ya - oy0) * wo] = 0.0
+                cols[d0 + (yb - oy0) * wo:d0 + (oy1 - oy0) * wo] = 0.0
+                if same:
+                    if yb == ya:
+                        continue
+                    s0 = plane + (ya - pt + i * dh) * W + off
+                    d = d0 + (ya - oy0) * wo
+                    n = (yb - ya) * wo
+                    # the copy reads from s0 + lo to s0 + n - (wo - hi): inside the plane
+                    cols[d + lo:d + n - (wo - hi)] = xf[s0 + lo:s0 + n - (wo - hi)]
+                    for oy in range(ya, yb):
+                        e = d + (oy - ya) * wo
+                        cols[e:e + lo] = 0.0
+                        if hi < wo:
+                            cols[e + hi:e + wo] = 0.0
+                    continue
+                for oy in range(ya, yb):
+                    d = d0 + (oy - oy0) * wo
+                    cols[d:d + lo] = 0.0
+                    s0 = plane + (oy * sh - pt + i * dh) * W + off
+                    if sw == 1:
+                        cols[d + lo:d + hi] = xf[s0 + lo:s0 + hi]
+                    elif hi > lo:
+                        dv = cols[d + lo:d + hi]
+                        xv = xf[s0 + lo * sw:s0 + (hi - 1) * sw + 1:sw]
+                        for q in range(hi - lo):
+                            dv[q] = xv[q]
+                    cols[d + hi:d + wo] = 0.0
+
+
+@njit(cache=True, parallel=True)
+def _per_image(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, dh, dw, pt, pl,
+               ho, wo, groups, nsplit, direct, out, ws):
+    """Conv (two=False: w1 (N, K)) or basis conv (two=True: w1 (G*M, K) basis, w2 (N, M)
+    combine) of x (B, C, H, W) into out (B, N, H'*W'), K = C/G*kh*kw. Task (b, s) = image b,
+    output rows [H' s / nsplit, H' (s+1) / nsplit); tasks dealt round-robin to the rows of ws
+    (one per thread: im2col columns, then the basis responses). direct: 1x1, stride 1, no
+    padding: the image is its own column matrix."""
+    B, C = x.shape[0], x.shape[1]
+    N, P = out.shape[1], out.shape[2]
+    Cg = C // groups
+    K = Cg * kh * kw
+    M1 = w1.shape[0] // groups            # stage-1 rows per group (N/G for a conv, M for basis)
+    Ng = N // groups
+    T = ws.shape[0]
+    tasks = B * nsplit
+    xf = x.ravel()
+    of = out.ravel()
+    rf = res.ravel()
+    w1f = w1.ravel()
+    w2f = w2.ravel()
+    for t in prange(T):
+        buf = ws[t]
+        for task in range(t, tasks, T):
+            b = task // nsplit
+            s = task % nsplit
+            oy0 = ho * s // nsplit
+            oy1 = ho * (s + 1) // nsplit
+            n_col = (oy1 - oy0) * wo
+            if n_col == 0:
+                continue
+            p0 = oy0 * wo
+            sbase = K * n_col if not direct else 0    # basis responses after the columns
+            for g in range(groups):
+                if direct:
+                    src, so, ld = xf, (b * C + g * Cg) * P + p0, P
+                else:
+                    _im2col(x, b, g * Cg, (g + 1) * Cg, kh, kw, sh, sw, dh, dw, pt, pl, oy0, oy1,
+                            wo, buf, 0, n_col)
+                    src, so, ld = buf, 0, n_col
+                dst = (b * N + g * Ng) * P + p0
+                if two:
+                    _gemm(False, M1, n_col, K, w1f, g * M1 * K, K, src, so, ld, buf, sbase, n_col)
+                    _gemm(False, Ng, n_col, M1, w2f, g * Ng * M1, M1, buf, sbase, n_col, of, dst, P)
+                else:
+                    _gemm(False, Ng, n_col, K, w1f, g * Ng * K, K, src, so, ld, of, dst, P)
+            for n in range(N):
+                o = (b * N + n) * P + p0
+                _finish(of, o, of, o, n_col, bias[n], rf, o, has_res, act, a0, a1)
+
+
+@njit(cache=True)
+def _split(s, T, rows, cols, by_rows):
+    """Slice s of T of a rows x cols GEMM output: (r0, r1, c0, c1)."""
+    if by_rows:
+        return rows * s // T, rows * (s + 1) // T, 0, cols
+    return 0, rows, cols * s // T, cols * (s + 1) // T
+
+
+@njit(cache=True)
+def _grouped_gemm(w, k_w, groups, r0, r1, c0, c1, src, ld_src, k_src, dst, ld_dst):
+    """Rows [r0, r1) x columns [c0, c1) of dst (R, ld_dst) = blockdiag over groups of
+    w (R, k_w) @ src (groups*k_src, ld_src): row r of group r // (R/G) reads src rows
+    [g*k_src, (g+1)*k_src) (k_w == k_src)."""
+    R = w.shape[0]
+    Rg = R // groups
+    wf = w.ravel()
+    for g in range(groups):
+        a = max(r0, g * Rg)
+        z = min(r1, (g + 1) * Rg)
+        if z > a and c1 > c0:
+            _gemm(False, z - a, c1 - c0, k_w, wf, a * k_w, k_w, src, g * k_src * ld_src + c0,
+                  ld_src, dst, a * ld_dst + c0, ld_dst)
+
+
+@njit(cache=True, parallel=True)
+def _batched(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, dh, dw, pt, pl,
+             ho, wo, groups, split1, split2, out, cols, s_buf, tmp, T):
+    """Conv / basis conv (as _per_image) of the whole batch as one GEMM: cols (C*kh*kw, B*P)
+    <- im2col (prange over (image, channel)); [basis: s_buf (G*M, B*P) = basis @ cols, split
+    over T slices by rows (split1) or columns]; tmp (N, B*P) = w @ cols or combine @ s_buf,
+    split by split2, and the epilogue of each slice scatters it to out (B, N, P)."""
+    B, C = x.shape[0], x.shape[1]
+    N, P = out.shape[1], out.shape[2]
+    BP = B * P
+    Cg = C // groups
+    K = Cg * kh * kw
+    cf = cols.ravel()
+    sf = s_buf.ravel()
+    tf = tmp.ravel()
+    of = out.ravel()
+    rf = res.ravel()
+    for t in prange(B * C):
+        b = t // C
+        c = t % C
+        _im2col(x, b, c, c + 1, kh, kw, sh, sw, dh, dw, pt, pl, 0, ho, wo, cf, c * kh * kw * BP + b * P, BP)
+    if two:
+        M1 = w1.shape[0] // groups
+        for s in prange(T):
+            r0, r1, c0, c1 = _split(s, T, w1.shape[0], BP, split1)
+            _grouped_gemm(w1, K, groups, r0, r1, c0, c1, cf, BP, K, sf, BP)
+        for s in prange(T):
+            r0, r1, c0, c1 = _split(s, T, N, BP, split2)
+            _grouped_gemm(w2, M1, groups, r0, r1, c0, c1, sf, BP, M1, tf, BP)
+            _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P)
+    else:
+        for s in prange(T):
+            r0, r1, c0, c1 = _split(s, T, N, BP, split2)
+            _grouped_gemm(w1, K, groups, r0, r1, c0, c1, cf, BP, K, tf, BP)
+            _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P)
+
+
+@njit(cache=True)
+def _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P):
+    """Epilogue of rows [r0, r1) x columns [c0, c1) of tmp (N, B*P) into out (B, N, P)."""
+    BP = tf.shape[0] // N
+    if c1 <= c0:
+        return
+    for n in range(r0, r1):
+        for b in range(c0 // P, (c1 - 1) // P + 1):
+            q0 = max(c0, b * P)
+            q1 = min(c1, (b + 1) * P)
+            o = (b * N + n) * P + q0 - b * P
+            _finish(of, o, tf, n * BP + q0, q1 - q0, bias[n], rf, o, has_res, act, a0, a1)
+
+
+# --- Python side --------------------------------------------------------------------------------
+
+_NO_RES = np.zeros((1, 1, 1), np.float32)
+_NO_W2 = np.zeros((1, 1), np.float32)
+
+
+class _Derived:
+    """Weights rearranged for a kernel, built once per weight array (identity-checked, so a
+    replaced array is rebuilt; entries die with their array's last user)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._map: dict[int, tuple] = {}
+
+    def get(self, w: np.ndarray, key, build) -> np.ndarray:
+        hit = self._map.get((id(w), key))
+        if hit is None or hit[0]() is not w:
+            with self._lock:
+                hit = self._map.get((id(w), key))
+                if hit is None or hit[0]() is not w:
+                    if hit is None:
+                        weakref.finalize(w, self._map.pop, (id(w), key), None)
+                    hit = self._map[(id(w), key)] = (weakref.ref(w), build())
+        return hit[1]
+
+
+_DERIVED = _Derived()
+
+
+def kn2row_weights(basis: np.ndarray, groups: int) -> np.ndarray:
+    """(G*kh*kw*M, C/G): row (g*kh*kw + i*kw + j)*M + m = basis[g*M + m, :, i, j]."""
+    GM, Cg, kh, kw = basis.shape
+    M = GM // groups
+
+    def build():
+        w = basis.reshape(groups, M, Cg, kh, kw).transpose(0, 3, 4, 1, 2)
+        return np.ascontiguousarray(w.reshape(groups * kh * kw * M, Cg))
+    return _DERIVED.get(basis, ("kn2row", groups), build)
+
+
+def use_kn2row(Cg, M, stride) -> bool:
+    """Basis stage 1 by kn2row: stride 1 and fewer basis filters than input channels per group
+    (Y then holds fewer values per position than the im2col columns)."""
+    return tuple(stride) == (1, 1) and M is not None and M < Cg
+
+
+def act_code(act) -> tuple[int, float, float, bool]:
+    """(code, a0, a1, done) of a fusable activation tuple for the epilogue; done False when
+    the epilogue cannot apply it (the caller applies it after with apply_act)."""
+    if act is None:
+        return 0, 0.0, 0.0, True
+    code = ACT_CODES.get(act[0])
+    if code is None:
+        return 0, 0.0, 0.0, False
+    return code, float(act[1]) if len(act) > 1 else 0.0, float(act[2]) if len(act) > 2 else 0.0, True
+
+
+def threads() -> int:
+    """How many slices the kernels cut parallel work into: Numba's thread count at start-up
+    (NUMBA_NUM_THREADS, default the cores), not numba.get_num_threads(): the cut, hence every
+    sgemm call and its rounding, stays the same whatever threads a call gets, so results do not
+    depend on set_num_threads (bench: as fast; dataset runs are byte-identical)."""
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def plan_conv(B, C, N, kh, kw, ho, wo, groups, M=None, T=None, kn2row=False, H=0, W=0, dh=1):
+    """How conv_gemm runs these shapes: ("image", bands per image, scratch per thread) or
+    ("batched", images per group, scratch per group); M: basis rank (None for a plain conv);
+    kn2row: basis stage 1 by kn2row on an H x W input (stride 1, dilation dh)."""
+    T = T or threads()
+    P = ho * wo
+    Kg = C // groups * kh * kw
+    rows = kh * kw * M if kn2row else Kg        # scratch rows per position of stage 1
+    if P >= PER_IMAGE_MIN:
+        nsplit = max(1, -(-T // B) if B < T else 1, -(-rows * P // COLS_CAP))
+        nsplit = min(nsplit, ho)
+        band = -(-ho // nsplit)
+        if kn2row:
+            return "image", nsplit, rows * min(H, band + (kh - 1) * dh) * W + M * band * wo
+        return "image", nsplit, Kg * band * wo + (0 if M is None else M * band * wo)
+    if kn2row:
+        per_image = C * H * W + groups * rows * H * W + groups * M * P + N * P
+    else:
+        per_image = (C * kh * kw + N + (0 if M is None else groups * M)) * P
+    per = max(1, BATCH_COLS_CAP // per_image)
+    return "batched", min(B, per), min(B, per) * per_image
+
+
+def workspace(B, C, N, kh, kw, ho, wo, groups, M=None, stride=(1, 1), H=0, W=0, dh=1) -> int:
+    """Scratch values conv_gemm allocates for these shapes (at most, over thread counts)."""
+    T = threads()
+    kn = use_kn2row(C // groups, M, stride)
+    how, _, scratch = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T, kn, H, W, dh)
+    return T * scratch if how == "image" else scratch
+
+
+def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, act=None,
+              residual=None):
+    """conv2d (w2 None: w1 (N, C/G, kh, kw)) or basis conv (w1 basis (G*M, C/G, kh, kw),
+    w2 combine (N, M)) of float32 C-contiguous x (B, C, H, W), zero padding [t, l, b, r]
+    (other modes: pad first), then + bias (N or None), + residual (the output's shape) and
+    activation `act`. Returns (B, N, H', W'). Shapes must have passed the op's infer."""
+    B, C, H, W = x.shape
+    GM, Cg, kh, kw = w1.shape
+    two = w2 is not None
+    N = w2.shape[0] if two else GM
+    M = GM // groups if two else None
+    out = np.empty((B, N, ho * wo), np.float32)
+    code, a0, a1, done = act_code(act)
+    res = residual
+    if res is not None and (res.shape != (B, N, ho, wo) or res.dtype != np.float32):
+        res = None                                  # broadcasting add: done after, in NumPy
+    has_res = res is not None
+    res3 = np.ascontiguousarray(res).reshape(B, N, ho * wo) if has_res else _NO_RES
+    if residual is not None and not has_res:       # NumPy adds it, then the activation
+        done = False
+    if not done:                                    # NumPy applies it after the residual
+        code = 0
+    if bias is None:
+        bias = np.zeros(N, np.float32)
+    sh, sw = stride
+    dh, dw = dilation
+    pt, pl = padding[0], padding[1]
+    w1m = w1.reshape(GM, Cg * kh * kw)
+    w2m = w2 if two else _NO_W2
+    T = threads()
+    if use_kn2row(Cg, M, stride):
+        wk = kn2row_weights(w1, groups)
+        how, a, scratch = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T, True, H, W, dh)
+        if how == "image":
+            ws = np.empty((T, max(scratch, 1)), np.float32)
+            _kn2row_image(x, wk, w2, bias, res3, has_res, code, a0, a1, kh, kw, dh, dw, pt, pl,
+                          ho, wo, groups, a, out, ws)
+        else:
+            P = ho * wo
+            for b0 in range(0, B, a):
+                b1 = min(B, b0 + a)
+                nb = b1 - b0
+                xcols = np.empty((C, nb * H * W), np.float32)
+                Y = np.empty((groups * kh * kw * M, nb * H * W), np.float32)
+                s_buf = np.empty((GM, nb * P), np.float32)
+                tmp = np.empty((N, nb * P), np.float32)
+                _kn2row_batched(x[b0:b1], wk, w2, bias, res3[b0:b1] if has_res else res3,
+                                has_res, code, a0, a1, kh, kw, dh, dw, pt, pl, ho, wo, groups,
+                                nb * H * W < Y.shape[0], nb * P < N, out[b0:b1], xcols, Y, s_buf,
+                                tmp, T)
+        return _after(out.reshape(B, N, ho, wo), residual, has_res, act, done)
+    how, a, per_thread = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T)
+    if how == "image":
+        direct = kh == kw == 1 and sh == sw == 1 and not any(padding)
+        ws = np.empty((T, max(per_thread, 1)), np.float32)
+        _per_image(x, w1m, w2m, two, bias, res3, has_res, code, a0, a1, kh, kw, sh, sw, dh, dw,
+                   pt, pl, ho, wo, groups, a, direct, out, ws)
+    else:
+        P = ho * wo
+        for b0 in range(0, B, a):
+            b1 = min(B, b0 + a)
+            BP = (b1 - b0) * P
+            cols = np.empty((C * kh * kw, BP), np.float32)
+            s_buf = np.empty((GM, BP) if two else (1, 1), np.float32)
+            tmp = np.empty((N, BP), np.float32)
+            _batched(x[b0:b1], w1m, w2m, two, bias, res3[b0:b1] if has_res else res3, has_res,
+                     code, a0, a1, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, groups,
+                     BP < GM, BP < N, out[b0:b1], cols, s_buf, tmp, T)
+    return _after(out.reshape(B, N, ho, wo), residual, has_res, act, done)
+
+
+def _after(out, residual, has_res, act, done):
+    """What the epilogue left: a broadcasting residual add, an activation it cannot apply."""
+    if residual is not None and not has_res:
+        out = np.add(out, residual)
+    if not done and act is not None:
+        from .activation import apply_act
+        apply_act(out, act)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _linear(x, w, out, T):
+    """out (R, O) = x (R, I) @ w (O, I).T, output features split over T slices."""
+    R, I = x.shape
+    O = w.shape[0]
+    xf = x.ravel()
+    wf = w.ravel()
+    of = out.ravel()
+    for s in prange(T):
+        n0 = O * s // T
+        n1 = O * (s + 1) // T
+        _gemm(True, R, n1 - n0, I, xf, 0, I, wf, n0 * I, I, of, n0, O)
+
+
+def linear_gemm(x, weight, bias=None, act=None, residual=None):
+    """x (..., in) @ weight (out, in).T + bias, + residual, then activation `act`: the sgemm in
+    Numba tasks (single-threaded BLAS each), the epilogue in NumPy (rows x out values)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = np.empty((x2.shape[0], weight.shape[0]), np.float32)
+    T = threads() if weight.shape[0] >= 64 * threads() else 1
+    _linear(x2, np.ascontiguousarray(weight), y, T)
+    y = y.reshape(x.shape[:-1] + (weight.shape[0],))
+    if bias is not None:
+        y += bias
+    if residual is not None:
+        y = np.add(y, residual)
+    if act is not None:
+        from .activation import apply_act
+        apply_act(y, act)
+    return y
+
+
+# --- basis stage 1 by kn2row: one GEMM over the taps, then shifted adds ---------------------------
+#
+# With few basis filters (M < C/G) and stride 1, stage 1 skips im2col: Y = Wk (kh*kw*M, C/G) @ x
+# (C/G, input positions) gives every tap's response at every input position, and
+# s[m, oy, ox] = sum_ij Y[(i*kw + j)*M + m, oy - pt + i*dh, ox - pl + j*dw] (taps inside x).
+# Y holds kh*kw*M values per position against im2col's C/G*kh*kw, and the GEMM is taller.
+
+
+@njit(cache=True)
+def _shift_add(Y, oY, ldY, iy0, W, M, kh, kw, dh, dw, pt, pl, oy0, oy1, wo, H, s, os_, lds,
+               m0=0, m1=-1):
+    """s[os_ + m*lds + (oy - oy0)*wo + ox] = sum over taps (i, j) inside the input of
+    Y[oY + ((i*kw + j)*M + m)*ldY + (oy - pt + i*dh - iy0)*W + ox - pl + j*dw], for
+    m0 <= m < m1 (default all M), oy0 <= oy < oy1, ox < wo (Y's columns are input rows iy0..
+    of width W)."""
+    if m1 < 0:
+        m1 = M
+    n = (oy1 - oy0) * wo
+    for m in range(m0, m1):
+        s[os_ + m * lds:os_ + m * lds + n] = 0.0
+    for i in range(kh):
+        ya = min(oy1, max(oy0, pt - i * dh))
+        yb = max(ya, min(oy1, H + pt - i * dh))
+        for j in range(kw):
+            off = j * dw - pl
+            lo = min(wo, max(0, -off))
+            hi = max(lo, min(wo, W - off))
+            L = hi - lo
+            for m in range(m0, m1):
+                src = oY + ((i * kw + j) * M + m) * ldY + (ya - pt + i * dh - iy0) * W + off + lo
+                dst = os_ + m * lds + (ya - oy0) * wo + lo
+                for oy in range(yb - ya):
+                    # row views: the add vectorizes (7x faster than indexing the flat arrays)
+                    ys = Y[src + oy * W:src + oy * W + L]
+                    sd = s[dst + oy * wo:dst + oy * wo + L]
+                    for q in range(L):
+                        sd[q] += ys[q]
+
+
+@njit(cache=True, parallel=True)
+def _kn2row_image(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt, pl, ho, wo,
+                  groups, nsplit, out, ws):
+    """Basis conv, stride 1, per-image tasks as _per_image: stage 1 by kn2row from the input
+    rows a band needs, wk (G*kh*kw*M, C/G) the taps' basis filters, w2 (N, M) the combine."""
+    B, C, H, W = x.shape
+    N, P = out.shape[1], out.shape[2]
+    Cg = C // groups
+    M = w2.shape[1]
+    TM = kh * kw * M
+    Ng = N // groups
+    T = ws.shape[0]
+    tasks = B * nsplit
+    xf = x.ravel()
+    of = out.ravel()
+    rf = res.ravel()
+    wkf = wk.ravel()
+    w2f = w2.ravel()
+    for t in prange(T):
+        buf = ws[t]
+        for task in range(t, tasks, T):
+            b = task // nsplit
+            sp = task % nsplit
+            oy0 = ho * sp // nsplit
+            oy1 = ho * (sp + 1) // nsplit
+            n_col = (oy1 - oy0) * wo
+            if n_col == 0:
+                continue
+            iy0 = max(0, oy0 - pt)
+            iy1 = min(H, oy1 - 1 - pt + (kh - 1) * dh + 1)
+            n_in = max(0, iy1 - iy0) * W
+            sb = TM * n_in                               # s after Y in the scratch
+            for g in range(groups):
+                if n_in > 0:
+                    _gemm(False, TM, n_in, Cg, wkf, g * TM * Cg, Cg, xf,
+                          (b * C + g * Cg) * H * W + iy0 * W, H * W, buf, 0, n_in)
+                _shift_add(buf, 0, n_in, iy0, W, M, kh, kw, dh, dw, pt, pl, oy0, oy1, wo, H,
+                           buf, sb, n_col)
+                _gemm(False, Ng, n_col, M, w2f, g * Ng * M, M, buf, sb, n_col, of,
+                      (b * N + g * Ng) * P + oy0 * wo, P)
+            for n in range(N):
+                o = (b * N + n) * P + oy0 * wo
+                _finish(of, o, of, o, n_col, bias[n], rf, o, has_res, act, a0, a1)
+
+
+@njit(cache=True, parallel=True)
+def _kn2row_batched(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt, pl, ho, wo,
+                    groups, split1, split2, out, xcols, Y, s_buf, tmp, T):
+    """Basis conv, stride 1, the whole batch at once: xcols (C, B*H*W) <- x; Y (G*kh*kw*M,
+    B*H*W) = wk @ xcols per group (T slices by rows if split1, else columns); s_buf (G*M, B*P)
+    <- shifted adds (prange over (image, group)); tmp (N, B*P) = combine @ s_buf and the
+    epilogue, as _batched."""
+    B, C, H, W = x.shape
+    N, P = out.shape[1], out.shape[2]
+    HW = H * W
+    BHW = B * HW
+    BP = B * P
+    Cg = C // groups
+    M = w2.shape[1]
+    TM = kh * kw * M
+    xc = xcols.ravel()
+    yf = Y.ravel()
+    sf = s_buf.ravel()
+    tf = tmp.ravel()
+    of = out.ravel()
+    rf = res.ravel()
+    for t in prange(B * C):
+        b = t // C
+        c = t % C
+        xc[c * BHW + b * HW:c * BHW + (b + 1) * HW] = x[b, c].ravel()
+    for sp in prange(T):
+        r0, r1, c0, c1 = _split(sp, T, groups * TM, BHW, split1)
+        _grouped_gemm(wk, Cg, groups, r0, r1, c0, c1, xc, BHW, Cg, yf, BHW)
+    parts = max(1, min(M, -(-T // (B * groups))))     # split M too when images are few
+    for t in prange(B * groups * parts):
+        b = t // (groups * parts)
+        g = t // parts % groups
+        k = t % parts
+        _shift_add(yf, g * TM * BHW + b * HW, BHW, 0, W, M, kh, kw, dh, dw, pt, pl, 0, ho, wo, H,
+                   sf, g * M * BP + b * P, BP, M * k // parts, M * (k + 1) // parts)
+    for sp in prange(T):
+        r0, r1, c0, c1 = _split(sp, T, N, BP, split2)
+        _grouped_gemm(w2, M, groups, r0, r1, c0, c1, sf, BP, M, tf, BP)
+        _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P)
+
+
+@njit(cache=True, parallel=True)
+def _matmul(a, b, out, S, by_rows):
+    """out (m, n) = a (m, k) @ b (k, n), cut into S slices of rows or columns."""
+    m, k = a.shape
+    n = b.shape[1]
+    af = a.ravel()
+    bf = b.ravel()
+    of = out.ravel()
+    for s in prange(S):
+        r0, r1, c0, c1 = _split(s, S, m, n, by_rows)
+        if r1 > r0 and c1 > c0:
+            _gemm(False, r1 - r0, c1 - c0, k, af, r0 * k, k, bf, c0, n, of, r0 * n + c0, n)
+
+
+def matmul(a, b):
+    """a (m, k) @ b (k, n) in float32 as Numba tasks with single-threaded sgemm each (the
+    engine's replacement for NumPy's threaded BLAS on hot paths); any layouts (copied to
+    C order when needed)."""
+    a = np.ascontiguousarray(a, np.float32)
+    b = np.ascontiguousarray(b, np.float32)
+    m, n = a.shape[0], b.shape[1]
+    out = np.empty((m, n), np.float32)
+    by_rows = n < m
+    S = min(threads(), max(1, (m if by_rows else n) // 32))
+    _matmul(a, b, out, S, by_rows)
+    return out

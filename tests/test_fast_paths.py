@@ -1,0 +1,251 @@
+"""Every fast path added for speed, held to its reference: the GEMM conv kernels (per-image and
+batched splits, im2col and kn2row, fused epilogue), linear, 2x2 max pooling, global average
+pooling, the plan's residual-add fusion and the single-threaded BLAS setting."""
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+import engine
+from engine import format as fmt
+from engine.graph import Graph, Node, TensorSpec
+from engine.ops import OPS, gemm, load_all
+from engine.ops.activation import apply_act
+from engine.ops.conv import basis_conv2d_fast, conv2d_fast, conv_out_hw
+
+load_all()
+ACTS = [None, ("relu",), ("clip", -0.5, 0.7), ("leaky_relu", 0.1), ("sigmoid",)]
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def conv_node(w, b, stride, pad, dil, groups, mode="zeros"):
+    weights = {"weight": w} | ({"bias": b} if b is not None else {})
+    return Node("n", "conv2d", ["x"], {"stride": list(stride), "padding": list(pad), "dilation": list(dil),
+                                       "groups": groups, "padding_mode": mode}, weights)
+
+
+def basis_node(basis, combine, b, stride, pad, dil, groups, mode="zeros"):
+    weights = {"basis": basis, "combine": combine} | ({"bias": b} if b is not None else {})
+    return Node("n", "basis_conv2d", ["x"], {"stride": list(stride), "padding": list(pad),
+                                             "dilation": list(dil), "groups": groups, "padding_mode": mode,
+                                             "rank": combine.shape[1]}, weights)
+
+
+def close(got, want, scale=None):
+    assert got.shape == want.shape and got.dtype == np.float32 and got.flags.c_contiguous
+    scale = np.abs(want).max() if scale is None else scale
+    assert np.abs(got - want).max() <= 2e-5 * scale
+
+
+# B, C, N, H, W, kh, kw, stride, padding [t, l, b, r], dilation, groups
+CASES = [
+    (1, 3, 8, 13, 11, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # batched, 'same'
+    (2, 4, 6, 13, 11, 3, 2, (2, 1), (0, 1, 1, 0), (1, 1), 2),     # grouped, strided
+    (3, 5, 7, 20, 17, 2, 3, (2, 2), (1, 0, 0, 2), (2, 1), 1),     # dilated, asymmetric padding
+    (2, 16, 32, 20, 20, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # per image
+    (1, 16, 32, 20, 20, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),   # per image, 1x1 direct, bands
+    (5, 16, 32, 20, 20, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 4),   # 1x1 stride 2, grouped
+    (4, 32, 24, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # batched, split by columns
+    (1, 64, 96, 2, 2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # batched, split by rows
+    (1, 8, 4, 40, 40, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # per image, 2 bands
+    (2, 8, 8, 9, 10, 3, 3, (1, 1), (1, 0, 2, 1), (2, 1), 2),
+    (1, 12, 6, 30, 31, 3, 2, (1, 1), (2, 1, 0, 1), (2, 2), 2),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_gemm_matches_reference(case):
+    B, C, N, H, W, kh, kw, stride, pad, dil, g = case
+    x, w, b = rand(B, C, H, W), rand(N, C // g, kh, kw, seed=1), rand(N, seed=2)
+    want = OPS["conv2d"].reference(conv_node(w, b, stride, pad, dil, g), x)
+    res = rand(*want.shape, seed=3)
+    for act in ACTS:
+        for r in (None, res):
+            got = conv2d_fast(x, w, b, stride, pad, dil, g, "zeros", act, r)
+            exp = want if r is None else want + r
+            close(got, apply_act(exp.copy(), act) if act else exp, np.abs(exp).max())
+    close(conv2d_fast(x, w, None, stride, pad, dil, g, "zeros"),
+          OPS["conv2d"].reference(conv_node(w, None, stride, pad, dil, g), x))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_basis_conv_matches_reference(case):
+    B, C, N, H, W, kh, kw, stride, pad, dil, g = case
+    for M in sorted({1, max(1, C // g // 3), C // g + 1}):     # kn2row (M < C/G) and im2col
+        x, basis, comb = rand(B, C, H, W), rand(g * M, C // g, kh, kw, seed=1), rand(N, M, seed=2)
+        b = rand(N, seed=3)
+        want = OPS["basis_conv2d"].reference(basis_node(basis, comb, b, stride, pad, dil, g), x)
+        res = rand(*want.shape, seed=4)
+        got = basis_conv2d_fast(x, basis, comb, b, stride, pad, dil, g, "zeros", ("relu",), res)
+        close(got, np.maximum(want + res, 0), np.abs(want + res).max())
+        close(basis_conv2d_fast(x, basis, comb, None, stride, pad, dil, g, "zeros"),
+              OPS["basis_conv2d"].reference(basis_node(basis, comb, None, stride, pad, dil, g), x))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_other_padding_modes(mode):
+    x, w = rand(2, 6, 9, 8), rand(5, 6, 3, 3, seed=1)
+    node = conv_node(w, None, (1, 1), (1, 1, 2, 1), (1, 1), 1, mode)
+    close(OPS["conv2d"].run(node, x), OPS["conv2d"].reference(node, x))
+    basis, comb = rand(2, 6, 3, 3, seed=2), rand(5, 2, seed=3)
+    bnode = basis_node(basis, comb, None, (1, 1), (1, 1, 2, 1), (1, 1), 1, mode)
+    close(OPS["basis_conv2d"].run(bnode, x), OPS["basis_conv2d"].reference(bnode, x))
+
+
+def test_batch_groups_and_bands(monkeypatch):
+    """Tiny caps: batched convs run in groups of images, per-image convs in many bands."""
+    monkeypatch.setattr(gemm, "BATCH_COLS_CAP", 300)
+    monkeypatch.setattr(gemm, "COLS_CAP", 500)
+    for B, C, N, H, kh in [(5, 4, 6, 6, 3), (3, 4, 5, 18, 3)]:
+        x, w, b = rand(B, C, H, H), rand(N, C, kh, kh, seed=1), rand(N, seed=2)
+        node = conv_node(w, b, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+        close(OPS["conv2d"].run(node, x), OPS["conv2d"].reference(node, x))
+        basis, comb = rand(2, C, kh, kh, seed=3), rand(N, 2, seed=4)
+        bnode = basis_node(basis, comb, b, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+        close(OPS["basis_conv2d"].run(bnode, x), OPS["basis_conv2d"].reference(bnode, x))
+
+
+def test_broadcast_residual_falls_back():
+    x, w = rand(2, 4, 5, 5), rand(3, 4, 3, 3, seed=1)
+    r = rand(1, 3, 1, 5, seed=2)                                   # broadcasts to (2, 3, 5, 5)
+    want = OPS["conv2d"].reference(conv_node(w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1), x)
+    for act in (None, ("relu",)):
+        got = conv2d_fast(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1, "zeros", act, r)
+        close(got, np.maximum(want + r, 0) if act else want + r)
+
+
+def test_nan_propagates_through_epilogue():
+    x = rand(1, 2, 4, 4)
+    x[0, 0, 1, 1] = np.nan
+    w = rand(3, 2, 1, 1, seed=1)
+    for act in ACTS[:4]:
+        got = conv2d_fast(x, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, "zeros", act)
+        assert np.isnan(got[0, :, 1, 1]).all() and np.isfinite(np.delete(got.reshape(3, 16), 5, 1)).all()
+
+
+def test_im2col_same_path_matches_generic():
+    """The stride-1 'same' shifted copy equals the generic per-row copy (wo != W forces it)."""
+    x = rand(2, 3, 7, 6)
+    for pads, dil in [((1, 1), 1), ((2, 0), 2), ((0, 2), 1)]:
+        pt, pl = pads
+        kh = kw = 3
+        ho, wo = conv_out_hw(7, 6, kh, kw, (1, 1), (pt, pl, pt, pl), (dil, dil))
+        got = np.empty(3 * kh * kw * ho * wo, np.float32)
+        gemm._im2col(x, 1, 0, 3, kh, kw, 1, 1, dil, dil, pt, pl, 0, ho, wo, got, 0, ho * wo)
+        xp = np.pad(x[1], ((0, 0), (pt, pt), (pl, pl)))
+        want = np.stack([xp[c, i * dil:i * dil + ho, j * dil:j * dil + wo].ravel()
+                         for c in range(3) for i in range(kh) for j in range(kw)])
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+
+def test_linear_gemm():
+    x, w, b = rand(2, 3, 200), rand(300, 200, seed=1), rand(300, seed=2)
+    r = rand(2, 3, 300, seed=3)
+    want = x @ w.T + b
+    close(gemm.linear_gemm(x, w, b), want)
+    close(gemm.linear_gemm(x, w, b, ("relu",), r), np.maximum(want + r, 0))
+    close(gemm.linear_gemm(x[0, :1], w[:5], None), x[0, :1] @ w[:5].T)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 2, 7, 5)])
+def test_max_pool_2x2(shape):
+    x = rand(*shape)
+    x[0, 0, 0, 1] = np.nan
+    node = Node("p", "max_pool2d", ["x"], {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0],
+                                           "dilation": [1, 1], "ceil_mode": False})
+    np.testing.assert_array_equal(OPS["max_pool2d"].run(node, x), OPS["max_pool2d"].reference(node, x))
+
+
+@pytest.mark.parametrize("out", [[1, 1], [2, 3], [3, 3]])
+def test_adaptive_avg_pool_fast(out):
+    x = rand(2, 3, 6, 6)
+    node = Node("p", "adaptive_avg_pool2d", ["x"], {"output_size": out})
+    close(OPS["adaptive_avg_pool2d"].run(node, x), OPS["adaptive_avg_pool2d"].reference(node, x))
+
+
+def _residual_graph(broadcast=False):
+    """conv -> bn -> add(., shortcut) -> relu, the ResNet block shape; the shortcut a 1x1 conv
+    (same shape: fusable) or its mean over H (broadcasts: not fusable)."""
+    conv = {"stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1, "padding_mode": "zeros"}
+    one = dict(conv, padding=[0, 0, 0, 0])
+    bn = {"weight": np.full(4, 1.5, np.float32), "bias": np.full(4, 0.1, np.float32),
+          "running_mean": np.full(4, 0.2, np.float32), "running_var": np.full(4, 0.8, np.float32)}
+    nodes = [Node("sc", "conv2d", ["x"], one, {"weight": rand(4, 3, 1, 1, seed=5)})]
+    short = "sc"
+    if broadcast:
+        nodes.append(Node("scm", "mean", ["sc"], {"dims": [2], "keepdim": True}))
+        short = "scm"
+    nodes += [Node("c1", "conv2d", ["x"], conv, {"weight": rand(4, 3, 3, 3, seed=1)}),
+              Node("b1", "batch_norm", ["c1"], {"eps": 1e-5}, bn),
+              Node("add", "add", ["b1", short], {}),
+              Node("relu", "relu", ["add"])]
+    return Graph([TensorSpec("x", [None, 3, 6, 6])], [("y", "relu")], "tensor", nodes)
+
+
+def test_residual_add_fused_into_conv():
+    model = engine.Model(_residual_graph(), fmt.References())
+    fused = [s for s in model.plan.steps if s.residual is not None]
+    assert len(model.plan.steps) == 2                          # sc, then c1 + bn + add + relu
+    assert len(fused) == 1 and fused[0].node.name == "c1" and fused[0].residual == "sc"
+    assert fused[0].act == ("relu",) and fused[0].output == "relu" and "sc" in fused[0].frees
+    x = rand(3, 3, 6, 6)
+    close(model(x), model.activations(x, kernels="reference")["relu"])
+
+
+def test_broadcasting_add_is_not_fused():
+    model = engine.Model(_residual_graph(broadcast=True), fmt.References())
+    assert all(s.residual is None for s in model.plan.steps)
+    x = rand(2, 3, 6, 6)
+    close(model(x), model.activations(x, kernels="reference")["relu"])
+
+
+def test_blas_called_by_kernels_is_single_threaded():
+    assert gemm.LIMITED_BLAS
+    threads = {i["filepath"]: i["num_threads"] for i in threadpool_info()}
+    assert all(threads[p] == 1 for p in gemm.LIMITED_BLAS if p in threads)
+
+
+def test_kn2row_weights_cached_per_array():
+    basis = rand(6, 4, 3, 3)
+    a = gemm.kn2row_weights(basis, 2)
+    assert gemm.kn2row_weights(basis, 2) is a
+    assert a.shape == (2 * 9 * 3, 4)
+    np.testing.assert_array_equal(a[(1 * 9 + 2 * 3 + 1) * 3 + 2], basis[3 + 2, :, 2, 1])
+    other = basis.copy()
+    assert gemm.kn2row_weights(other, 2) is not a
+
+
+@pytest.mark.parametrize("m,k,n", [(3, 5, 7), (64, 100, 3), (5, 64, 1000), (1, 1, 1)])
+def test_matmul(m, k, n):
+    a, b = rand(m, k), rand(k, n, seed=1)
+    close(gemm.matmul(a, b), a @ b)
+    close(gemm.matmul(b.T, a.T), b.T @ a.T)                    # transposed views are copied
+
+
+def test_derived_weights_die_with_their_array():
+    import gc
+    basis = rand(6, 4, 3, 3)
+    gemm.kn2row_weights(basis, 2)
+    key = (id(basis), ("kn2row", 2))
+    assert key in gemm._DERIVED._map
+    del basis
+    gc.collect()
+    assert key not in gemm._DERIVED._map
+
+
+def test_cli_bench_times_the_engine_alone(tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+    path = tmp_path / "m.h5"
+    conv = {"stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1, "padding_mode": "zeros"}
+    graph = Graph([TensorSpec("x", [None, 3, 8, 8])], [("y", "r")], "tensor",
+                  [Node("c", "conv2d", ["x"], conv, {"weight": rand(4, 3, 3, 3)}), Node("r", "relu", ["c"])])
+    fmt.save(path, graph, fmt.References())
+    assert main(["bench", str(path), "--batch", "3", "--seconds", "0.05", "--min-runs", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["input_shapes"] == [[3, 3, 8, 8]] and out["runs"] >= 2 and out["macs"] == 3 * 4 * 64 * 27
+    assert main(["bench", str(path), "--seconds", "0.05", "--min-runs", "2"]) == 0
+    assert "bench/speed.py" in capsys.readouterr().out
