@@ -24,16 +24,6 @@ load_all()
 # ops whose output channel is axis 0 of the named weight and that take an optional "bias":
 # a following eval BatchNorm folds into them
 BN_FOLDABLE = {"conv2d": "weight", "linear": "weight", "basis_conv2d": "combine", "basis_linear": "combine"}
-# activation op -> the `act` tuple apply_act understands
-FUSABLE_ACTS = {
-    "relu": lambda n: ("relu",),
-    "clip": lambda n: ("clip", float(n.attrs["min"]), float(n.attrs["max"])),
-    "leaky_relu": lambda n: ("leaky_relu", float(n.attrs["negative_slope"])),
-    "sigmoid": lambda n: ("sigmoid",),
-    "tanh": lambda n: ("tanh",),
-    "silu": lambda n: ("silu",),
-    "hardswish": lambda n: ("hardswish",),
-}
 LAST_AXIS_OUTPUTS = {"linear", "basis_linear"}
 ACT_TARGETS = set(BN_FOLDABLE)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -67,6 +57,11 @@ def validate(graph: Graph, limits: Limits) -> dict[str, tuple[int, ...]]:
                                       for t in graph.inputs}, limits)
     except ShapeMismatch as e:
         raise FormatError(str(e)) from None
+    for n in graph.nodes:  # the shapes the file claims must be the ones the graph makes
+        if n.shape is not None and (len(n.shape) != len(shapes[n.name])
+                                    or list(n.shape[1:]) != list(shapes[n.name][1:])):
+            raise FormatError(f"node '{n.name}' ({n.op}): the file says output shape {n.shape}, "
+                              f"the graph makes {shapes[n.name]} at batch 1")
     ops = 0
     for n in graph.nodes:
         cost = OPS[n.op].cost(n, [shapes[i] for i in n.inputs], shapes[n.name])
@@ -140,11 +135,11 @@ class Step:
 class Plan:
     """What runs on each call: steps over fused nodes, with per-input-shape checks cached."""
 
-    def __init__(self, graph: Graph, limits: Limits | None = None, fuse: bool = True):
+    def __init__(self, graph: Graph, limits: Limits | None = None):
         self.graph = graph
         self.limits = limits or Limits()
         self.shapes = validate(graph, self.limits)      # batch-1 shapes, for inspect/count
-        self.steps = _lower(graph, self.shapes, fuse)
+        self.steps = _lower(graph, self.shapes)
         # what run() executes: per step the op's run_fused and the names it reads and writes
         self._program = tuple((OPS[st.node.op].run_fused, st.node, tuple(st.node.inputs), st.act,
                                st.residual, st.output, st.frees) for st in self.steps)
@@ -215,7 +210,7 @@ class Plan:
         return {n: env[n] for _, n in self.graph.outputs}
 
 
-def _lower(graph: Graph, shapes: dict, fuse: bool) -> list[Step]:
+def _lower(graph: Graph, shapes: dict) -> list[Step]:
     users = graph.consumers()
     by_name = {n.name: n for n in graph.nodes}
     absorbed: set[str] = set()
@@ -225,7 +220,7 @@ def _lower(graph: Graph, shapes: dict, fuse: bool) -> list[Step]:
         if n.name in absorbed:
             continue
         node, act, out, residual = n, None, n.name, None
-        if fuse and n.op in ACT_TARGETS:
+        if n.op in ACT_TARGETS:
             nxt = _sole_consumer(out, users, by_name)
             # BN normalises axis 1: foldable when that is the producer's output-channel axis
             # (linear ops write their outputs along the last axis: only rank-2 outputs qualify)
@@ -243,8 +238,9 @@ def _lower(graph: Graph, shapes: dict, fuse: bool) -> list[Step]:
                     absorbed.add(nxt.name)
                     out = nxt.name
                     nxt = _sole_consumer(out, users, by_name)
-            if nxt is not None and nxt.op in FUSABLE_ACTS:
-                act = FUSABLE_ACTS[nxt.op](nxt)
+            act_of = getattr(OPS[nxt.op], "act", None) if nxt is not None else None  # activations
+            if act_of is not None:
+                act = act_of(nxt)
                 absorbed.add(nxt.name)
                 out = nxt.name
         fused.append((node, act, out, residual))

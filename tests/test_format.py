@@ -95,6 +95,7 @@ def test_bad_datasets(good, mutate, error, words):
     (lambda d: d["inputs"][0].__setitem__("shape", [None, 3, 7, 6]), engine.FormatError, "fc"),
     (lambda d: d["inputs"][0].__setitem__("shape", [None, 3, 1 << 30, 6]), engine.LimitError, "max_dim_size"),
     (lambda d: d.__setitem__("output_kind", "list"), engine.FormatError, "output_kind"),
+    (lambda d: d["nodes"][0].__setitem__("shape", [None, 5, 6, 6]), engine.FormatError, "output shape"),
 ])
 def test_bad_graph(good, mutate, error, words):
     with pytest.raises(error, match=words):
