@@ -140,6 +140,8 @@ class Plan:
         self.limits = limits or Limits()
         self.shapes = validate(graph, self.limits)      # batch-1 shapes, for inspect/count
         self.steps = _lower(graph, self.shapes)
+        for step in self.steps:
+            OPS[step.node.op].prepare(step.node)
         # what run() executes: per step the op's run_fused and the names it reads and writes
         self._program = tuple((OPS[st.node.op].run_fused, st.node, tuple(st.node.inputs), st.act,
                                st.residual, st.output, st.frees) for st in self.steps)

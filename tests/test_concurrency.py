@@ -1,5 +1,5 @@
 """One loaded Model called from 4 threads at once gives exactly the serial results, its caches
-(per-input-shape checks, a TT node's rebuilt dense kernel) filled for the first time concurrently.
+(per-input-shape checks) filled for the first time concurrently; TT kernels race in test_tt.py.
 
 engine/__init__.py selects Numba's "threadsafe" layer (TBB if installed, else OpenMP): the
 default workqueue layer refuses concurrent parallel calls. Worker processes must be started with
@@ -53,8 +53,8 @@ def test_fresh_model_many_threads(seed_files, name, strategy):
     serial = [[reference(x) for x in row] for row in xs]
     acts = reference.activations(xs[0][0])
     assert not any(k[0][0] >= 3 for k in model.plan._checked), "shape checks already cached"
-    tt_built = _tt_kernels(model)
-    assert bool(tt_built) == (name == "compressed") and not any(tt_built), "TT kernels already rebuilt"
+    tt_built = _tt_kernels(model)     # a TT node run dense has its kernel rebuilt at load
+    assert bool(tt_built) == (name == "compressed") and tt_built == [strategy == "dense"] * len(tt_built)
     got = [[None] * CALLS for _ in range(THREADS)]
     got_acts, errors = [None] * THREADS, []
     start = threading.Barrier(THREADS)
@@ -79,8 +79,6 @@ def test_fresh_model_many_threads(seed_files, name, strategy):
             _assert_same(got[t][c], serial[t][c])
         _assert_same(got_acts[t], acts)
     assert {k[0][0] for k in model.plan._checked} >= {3, 4, 5}
-    # a TT node run dense rebuilt its kernel during the concurrent pass, contracted it never does
-    assert _tt_kernels(model) == [strategy == "dense"] * len(tt_built)
 
 
 def _assert_same(a, b):

@@ -56,6 +56,9 @@ class Op:
         """Scratch elements the kernels allocate besides the output (checked against the limits)."""
         return 0
 
+    def prepare(self, node: Node) -> None:
+        """Work done once at load rather than on the first call (e.g. a TT kernel rebuilt)."""
+
     # --- kernels --------------------------------------------------------------------------
     def reference(self, node: Node, *xs: np.ndarray) -> np.ndarray:
         """Plain NumPy definition of the op: the specification the fast kernel is held to."""

@@ -248,10 +248,18 @@ class _TT(Op):
         return {"strategy": self.strategy(node), "macs_contract": costs["contract"],
                 "macs_dense": costs["dense"]}
 
+    def prepare(self, node):
+        """Run dense: rebuild the kernel at load, so the first call does not pay for it."""
+        if self.strategy(node) == "dense":
+            self.kernel(node)
+
+    def kernel(self, node) -> np.ndarray:
+        """The rebuilt dense kernel of `node`, built once and cached."""
+        return _KERNELS.get(node, self.cores(node), lambda: self.dense_kernel(node))
+
     def run(self, node, x):
         if self.strategy(node) == "dense":
-            kernel = _KERNELS.get(node, self.cores(node), lambda: self.dense_kernel(node))
-            return self.run_dense(node, x, kernel)
+            return self.run_dense(node, x, self.kernel(node))
         return self.run_contract(node, x)
 
     def counted(self, node, x, strategy=None):
