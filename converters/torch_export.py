@@ -230,8 +230,7 @@ def _export_batch_norm(m: nn.modules.batchnorm._BatchNorm):
     if m.running_mean is None or m.running_var is None:
         raise UnsupportedOpError(f"{type(m).__name__} with track_running_stats=False "
                                  "(normalizes with batch statistics even in eval mode)")
-    ones = torch.ones(m.num_features)
-    w = {"weight": m.weight, "bias": m.bias} if m.affine else {"weight": ones, "bias": 0 * ones}
+    w = {"weight": m.weight, "bias": m.bias} if m.affine else {}   # non-affine: nothing learnable
     w.update(running_mean=m.running_mean, running_var=m.running_var)
     return "batch_norm", {"eps": float(m.eps)}, {k: _np(v) for k, v in w.items()}
 

@@ -270,7 +270,8 @@ def _sole_consumer(tensor: str, users: dict, by_name: dict) -> Node | None:
 def _fold_bn(node: Node, bn: Node, weight_name: str) -> Node:
     """Fold eval BatchNorm y = (x - mean) / sqrt(var + eps) * gamma + beta into node's output channels."""
     w = bn.weights
-    scale = (w["weight"].astype(np.float64) / np.sqrt(w["running_var"].astype(np.float64) + float(bn.attrs["eps"])))
+    gamma, beta = OPS["batch_norm"].affine(bn)
+    scale = gamma.astype(np.float64) / np.sqrt(w["running_var"].astype(np.float64) + float(bn.attrs["eps"]))
     weights = dict(node.weights)
     kernel = weights[weight_name]                       # (N, ...) output channels first
     if kernel.shape[0] != scale.shape[0]:
@@ -278,5 +279,5 @@ def _fold_bn(node: Node, bn: Node, weight_name: str) -> Node:
                           f"node '{node.name}' with {kernel.shape[0]} outputs")
     weights[weight_name] = (kernel * scale.reshape((-1,) + (1,) * (kernel.ndim - 1))).astype(np.float32)
     bias = weights.get("bias", np.zeros(kernel.shape[0], np.float32)).astype(np.float64)
-    weights["bias"] = ((bias - w["running_mean"]) * scale + w["bias"]).astype(np.float32)
+    weights["bias"] = ((bias - w["running_mean"]) * scale + beta).astype(np.float32)
     return replace(node, weights=weights)

@@ -78,6 +78,16 @@ def test_dense_macs_times_two_are_torch_flop_counters_flops(nets, name):
     assert all(r.flops == 2 * r.macs for r in rows)
 
 
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_learnable_params_are_torchs_parameters(nets, name):
+    """Learnable = torch's nn.Parameters (BN statistics are buffers; a non-affine BN has none)."""
+    model, path, _ = nets[name]
+    total = engine.load(path).count().total
+    assert total["learnable_params"] == sum(p.numel() for p in model.parameters())
+    assert total["params"] == total["learnable_params"] + sum(
+        b.numel() for k, b in model.named_buffers() if k.endswith(("running_mean", "running_var")))
+
+
 # --- executed == analytic -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
