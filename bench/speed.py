@@ -337,12 +337,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     res = None if args.cold_start_only else run(args)
     cs = None if args.no_cold_start else cold(args)
-    text = report(res, cs, machine(), "python bench/speed.py " + " ".join(argv or sys.argv[1:]))
+    mach = machine()
+    text = report(res, cs, mach, "python bench/speed.py " + " ".join(argv or sys.argv[1:]))
     print("\n" + text)
     if args.write:
         from results import RESULTS, write_section
         old = RESULTS.read_text() if RESULTS.exists() else ""
-        write_section(HEADING + "\n", speed_section(old, text, label(machine())))
+        write_section(HEADING + "\n", speed_section(old, text, label(mach)))
         print(f"wrote {ROOT / 'bench' / 'RESULTS.md'} ({HEADING})")
     return 0
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import converters  # noqa: E402
 import engine  # noqa: E402
 from results import write_section  # noqa: E402
-from basis_digits import SIZE, Batches, digits  # noqa: E402  (same data, same split)
+from basis_digits import SIZE, Batches, digits, learnable as params  # noqa: E402  (same data, same split)
 from converters.finetune import accuracy, finetune  # noqa: E402
 from converters.tt import factorize_layers, report_table  # noqa: E402
 from converters.tt_layers import to_tt  # noqa: E402
@@ -69,10 +69,6 @@ def layer_paths(model, kind) -> list[str]:
         return [p for p, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1]
     fcs = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
     return fcs[:-1]
-
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def engine_check(model, x_test, y_test, path) -> dict:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from engine import __version__ as ENGINE_VERSION
 from engine.errors import FormatError, InputError
 from engine.format import Limits, Reference, References
 from engine.graph import Graph
@@ -350,7 +351,7 @@ def compress_graph(graph: Graph, *, energy=None, rank=None, mac_budget: float | 
         new[n.name] = replace(n, op=DENSE_OPS[n.op], attrs={**n.attrs, "rank": combine.shape[1]},
                               weights=weights)
     nodes = [new.get(n.name, n) for n in graph.nodes]
-    meta = {**graph.meta, "producer": f"basisconv-compress {_version()}", "torch_version": ""}
+    meta = {**graph.meta, "producer": f"basisconv-compress {ENGINE_VERSION}", "torch_version": ""}
     return replace(graph, nodes=nodes, meta=meta), report
 
 
@@ -359,7 +360,7 @@ def engine_references(graph: Graph, refs: References) -> References:
     stored in `refs` (same `stored` mode)."""
     from engine.model import Model
     model = Model(graph, References(runs=[]))
-    out = References(stored=refs.stored, source="engine-reference", source_version=f"basisconv-engine {_version()}")
+    out = References(stored=refs.stored, source="engine-reference", source_version=f"basisconv-engine {ENGINE_VERSION}")
     keep = None if refs.stored == "all" else {n for _, n in graph.outputs}
     for run in refs.runs:
         acts = model.activations(tuple(run.inputs[t.name] for t in graph.inputs), kernels="reference")
@@ -378,8 +379,3 @@ def compress_file(src, dst, **kwargs) -> BasisReport:
     new, report = compress_graph(graph, **kwargs)
     fmt.save(dst, new, engine_references(new, refs))
     return report
-
-
-def _version() -> str:
-    import engine
-    return engine.__version__

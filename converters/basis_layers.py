@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis import BasisReport, LayerSpec, decompose, scratch_basis, svd_basis
-from .torch_export import LEAF_EXPORTERS, eval_mode, register_leaf
+from .torch_export import LEAF_EXPORTERS, _weights, eval_mode, register_leaf
 from engine.errors import InputError
 
 _TORCH_PAD = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -119,19 +119,14 @@ class BasisLinear(nn.Module):
         return f"{self.basis.shape[1]}, {self.combine.shape[0]}, rank={self.rank}"
 
 
-def _weights(m: nn.Module) -> dict[str, np.ndarray]:
-    return {k: getattr(m, k).detach().cpu().numpy() for k in ("basis", "combine", "bias")
-            if getattr(m, k) is not None}
-
-
 @register_leaf(BasisConv2d)
 def _export_basis_conv2d(m: BasisConv2d):
-    return "basis_conv2d", m.file_attrs(), _weights(m)
+    return "basis_conv2d", m.file_attrs(), _weights(m, "basis", "combine", "bias")
 
 
 @register_leaf(BasisLinear)
 def _export_basis_linear(m: BasisLinear):
-    return "basis_linear", {"rank": m.rank}, _weights(m)
+    return "basis_linear", {"rank": m.rank}, _weights(m, "basis", "combine", "bias")
 
 
 def _positions(model: nn.Module, paths: list[str], example_input) -> dict[str, int]:

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from engine import format as fmt
+from engine.errors import InputError
 from engine.graph import Graph, Node
 from engine.ops import numel
 from engine.ops.tt import chain_macs, conv_kernel, tt_matrix
-from engine.errors import InputError
+
+from .basis import ENGINE_VERSION, engine_references
 
 DEFAULT_CORES = 3   # channel / feature cores when modes are chosen automatically (the paper's)
 
@@ -212,7 +215,7 @@ def compress_graph_tt(graph: Graph, *, max_rank=None, eps=None, layers=None,
     done = factorize_layers(kernels, max_rank=max_rank, eps=eps, layers=layers, modes=modes)
     nodes = [tt_node(n, done[n.name]) if n.name in done and done[n.name].report.replaced else n
              for n in graph.nodes]
-    meta = {**graph.meta, "producer": f"basisconv-compress-tt {_version()}", "torch_version": ""}
+    meta = {**graph.meta, "producer": f"basisconv-compress-tt {ENGINE_VERSION}", "torch_version": ""}
     return replace(graph, nodes=nodes, meta=meta), [f.report for f in done.values()]
 
 
@@ -234,9 +237,6 @@ def tt_node(node: Node, f: Factorization) -> Node:
 def compress_file_tt(src, dst, **kwargs) -> list[TTReport]:
     """Dense model file -> TT model file with engine-reference references; no torch.
     kwargs: as compress_graph_tt."""
-    from engine import format as fmt
-
-    from .basis import engine_references
     graph, refs = fmt.load(src)
     new, reports = compress_graph_tt(graph, **kwargs)
     if not any(r.replaced for r in reports):
@@ -257,8 +257,3 @@ def report_table(reports: list[TTReport]) -> str:
                     f"{r.rel_error:>8.4f} {r.macs_dense:>14,} "
                     + (f"{r.macs_contract:>9,}" if r.macs_contract else f"{'-':>9}"))
     return "\n".join(rows)
-
-
-def _version() -> str:
-    import engine
-    return engine.__version__

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis_layers import _TORCH_PAD, _f32
-from .torch_export import LEAF_EXPORTERS, register_leaf
+from .torch_export import LEAF_EXPORTERS, _np, _weights, register_leaf
 from .tt import Factorization, TTReport, factorize_layers
 from engine.errors import InputError
 
@@ -199,15 +199,8 @@ class TTLinear(nn.Module):
         return f"in_modes={a['in_modes']}, out_modes={a['out_modes']}, ranks={a['ranks']}"
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32)
-
-
 def _core_weights(m: nn.Module, first: int) -> dict[str, np.ndarray]:
-    w = {f"core{k + first}": _np(g) for k, g in enumerate(m.cores)}
-    if m.bias is not None:
-        w["bias"] = _np(m.bias)
-    return w
+    return {**{f"core{k + first}": _np(g) for k, g in enumerate(m.cores)}, **_weights(m, "bias")}
 
 
 @register_leaf(TTConv2d)
@@ -223,9 +216,7 @@ def _export_tt_linear(m: TTLinear):
 @register_leaf(NaiveTTConv2d)
 def _export_naive_tt_conv2d(m: NaiveTTConv2d):
     with torch.no_grad():
-        w = {"weight": _np(m.kernel())}
-    if m.bias is not None:
-        w["bias"] = _np(m.bias)
+        w = {"weight": _np(m.kernel()), **_weights(m, "bias")}
     return "conv2d", {**m.geometry(), "groups": 1}, w
 
 
