@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from engine.errors import FormatError, ShapeMismatch
 from engine.graph import Node
 from engine.ops import OPS, load_all
-from engine.ops.conv import _depthwise, _im2col, conv2d_fast
+from engine.ops.conv import _depthwise, conv2d_fast
 from engine.ops.linear import linear_fast
 from engine.ops.pool import _pool2d
 
@@ -379,5 +379,5 @@ def test_bad_shapes(op, attrs, weights, shapes):
 
 def test_kernels_compiled_once():
     """Each Numba kernel is called with one type signature only (compile time counts)."""
-    for kernel in (_im2col, _depthwise, _pool2d):
+    for kernel in (_depthwise, _pool2d):
         assert len(kernel.signatures) <= 1, kernel.signatures

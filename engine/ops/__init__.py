@@ -73,13 +73,8 @@ class Op:
         """What a plan step executes: run, then + residual (a fused add) and the activation
         `act` (activation.apply_act), the unfused ops' arithmetic in their order. Ops whose
         kernels apply these in their epilogue override it."""
-        y = self.run(node, *xs)
-        if residual is not None:
-            y = np.add(y, residual)
-        if act is not None:
-            from .activation import apply_act
-            y = apply_act(y, act)
-        return y
+        from .activation import residual_then_act  # activation imports this module
+        return residual_then_act(self.run(node, *xs), residual, act)
 
     # --- counting -------------------------------------------------------------------------
     def cost(self, node: Node, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> Cost:
@@ -143,10 +138,16 @@ def numel(shape) -> int:
     return n
 
 
-def per_output_element(op: Op, node: Node, *xs: np.ndarray) -> tuple[np.ndarray, Cost]:
-    """Op.counted of an elementwise op: its reference output, one other op per element of it."""
-    y = op.reference(node, *xs)
-    return y, Cost(other=y.size)
+class PerElement(Op):
+    """An op costing one other op per output element (activations, BN, add, mul)."""
+
+    def cost(self, node, in_shapes, out_shape):
+        return Cost(other=numel(out_shape))
+
+    def counted(self, node, *xs):
+        """The reference output, one other op per element of it."""
+        y = self.reference(node, *xs)
+        return y, Cost(other=y.size)
 
 
 def load_all() -> None:

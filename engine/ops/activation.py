@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Cost, Op, attr, mismatch, numel, per_output_element, register
+from . import Cost, Op, PerElement, attr, mismatch, numel, register
 from .shape import check_axis, int_min
 
 
@@ -25,6 +25,16 @@ def _sigmoid(y: np.ndarray) -> np.ndarray:
         np.exp(y, out=y)
     y += 1
     return np.reciprocal(y, out=y)
+
+
+def residual_then_act(y: np.ndarray, residual=None, act=None) -> np.ndarray:
+    """y + residual (NumPy broadcasting, a new array), then `act` in place: a fused add and
+    activation applied after a kernel, in the unfused ops' order."""
+    if residual is not None:
+        y = np.add(y, residual)
+    if act is not None:
+        apply_act(y, act)
+    return y
 
 
 def apply_act(y: np.ndarray, act: tuple) -> np.ndarray:
@@ -52,7 +62,7 @@ def apply_act(y: np.ndarray, act: tuple) -> np.ndarray:
     return y
 
 
-class _Act(Op):
+class _Act(PerElement):
     """An elementwise activation given entirely by its fusion tuple."""
 
     def check_attrs(self, node):
@@ -64,12 +74,6 @@ class _Act(Op):
 
     def reference(self, node, x):
         return apply_act(x.copy(), self.act(node))
-
-    def cost(self, node, in_shapes, out_shape):
-        return Cost(other=numel(out_shape))
-
-    def counted(self, node, x):
-        return per_output_element(self, node, x)
 
 
 @register
@@ -114,7 +118,7 @@ class LeakyRelu(_Act):
 
 
 @register
-class Prelu(Op):
+class Prelu(PerElement):
     """y = x if x > 0 else w * x, w one slope (1) or one per channel (C) of dim 1."""
     name = "prelu"
     weights = ("weight",)
@@ -133,12 +137,6 @@ class Prelu(Op):
         w = node.weights["weight"]
         w = w.reshape((1, -1) + (1,) * (x.ndim - 2)) if w.size > 1 else w  # broadcast over dim 1
         return np.where(x > 0, x, w * x)
-
-    def cost(self, node, in_shapes, out_shape):
-        return Cost(other=numel(out_shape))
-
-    def counted(self, node, x):
-        return per_output_element(self, node, x)
 
 
 class _Softmax(Op):

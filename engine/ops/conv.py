@@ -12,7 +12,6 @@ Fast path `conv2d_fast` (bias, a fused residual add and the activation in one ep
     single-threaded sgemm inside Numba prange tasks, per image or the whole batch as one GEMM
     for small H'W' (see ops/gemm.py); 1x1 stride-1 unpadded convs use the image itself.
 `basis_conv2d_fast` runs both stages of a basis conv in the same tasks (ops/basis.py).
-`_im2col` below is the older per-image lowering, kept as a tested helper.
 Cost: macs = B*N*H'*W'*(C/G)*kh*kw; other = B*N*H'*W' (the bias add) when there is a bias.
 Counted (`conv2d_counted`, also the MAC kernel of linear, basis and TT): `_conv_counted`, direct
 loops over every (b, n, oy, ox, c, i, j) tap of the padded input, taps reading padding included.
@@ -24,7 +23,7 @@ from numba import njit, prange
 
 from ..errors import FormatError
 from . import Cost, Op, attr, mismatch, numel, register
-from .activation import apply_act
+from .activation import residual_then_act
 from .gemm import conv_gemm, workspace
 from .shape import int_min, ints
 
@@ -81,19 +80,6 @@ def check_weight(node, name: str, shape: tuple) -> None:
 
 
 @njit(cache=True, parallel=True)
-def _im2col(xp, kh, kw, sh, sw, dh, dw, ho, wo, cols):
-    """cols[(c*kh + i)*kw + j, oy*wo + ox] = xp[c, oy*sh + i*dh, ox*sw + j*dw]."""
-    for r in prange(cols.shape[0]):
-        c = r // (kh * kw)
-        i = (r // kw) % kh
-        j = r % kw
-        for oy in range(ho):
-            iy = oy * sh + i * dh
-            for ox in range(wo):
-                cols[r, oy * wo + ox] = xp[c, iy, ox * sw + j * dw]
-
-
-@njit(cache=True, parallel=True)
 def _depthwise(xp, w, bias, sh, sw, dh, dw, out):
     """out[b, n] = bias[n] + sum_ij w[n, i, j] * xp[b, n // m, oy*sh + i*dh, ox*sw + j*dw],
     m = N / C output channels per input channel; one prange task per (b, n). The sw == 1 loop
@@ -138,11 +124,7 @@ def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode
     out = np.empty((B, N, ho, wo), np.float32)
     bias_n = bias if bias is not None else np.zeros(N, np.float32)  # (N)
     _depthwise(xp, weight.reshape(N, kh, kw), bias_n, *stride, *dilation, out)
-    if residual is not None:
-        out = np.add(out, residual)
-    if act is not None:
-        apply_act(out, act)
-    return out
+    return residual_then_act(out, residual, act)
 
 
 def basis_conv2d_fast(x, basis, combine, bias, stride, padding, dilation, groups, padding_mode,

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from . import Cost, Op, attr, mismatch, numel, per_output_element, register
+from . import PerElement, attr, mismatch, register
 
 
-class _Binary(Op):
+class _Binary(PerElement):
     n_inputs = None
     ufunc = None  # the NumPy ufunc of the op
 
@@ -33,12 +33,6 @@ class _Binary(Op):
         if len(xs) == 1:
             return self.ufunc(xs[0], np.float32(node.attrs["scalar"]))
         return self.ufunc(*xs)
-
-    def cost(self, node, in_shapes, out_shape):
-        return Cost(other=numel(out_shape))
-
-    def counted(self, node, *xs):
-        return per_output_element(self, node, *xs)
 
 
 @register

@@ -47,6 +47,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.np.linalg import ensure_blas
 
+from .activation import residual_then_act
+
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
 BATCH_COLS_CAP = 1 << 22     # values of the batched column matrix (16 MB): larger batches go in groups
@@ -449,7 +451,8 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
                                 has_res, code, a0, a1, kh, kw, dh, dw, pt, pl, ho, wo, groups,
                                 nb * H * W < Y.shape[0], nb * P < N, out[b0:b1], xcols, Y, s_buf,
                                 tmp, T)
-        return _after(out.reshape(B, N, ho, wo), residual, has_res, act, done)
+        return residual_then_act(out.reshape(B, N, ho, wo), None if has_res else residual,
+                             None if done else act)
     how, a, per_thread = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T)
     if how == "image":
         direct = kh == kw == 1 and sh == sw == 1 and not any(padding)
@@ -467,17 +470,8 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
             _batched(x[b0:b1], w1m, w2m, two, bias, res3[b0:b1] if has_res else res3, has_res,
                      code, a0, a1, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, groups,
                      BP < GM, BP < N, out[b0:b1], cols, s_buf, tmp, T)
-    return _after(out.reshape(B, N, ho, wo), residual, has_res, act, done)
-
-
-def _after(out, residual, has_res, act, done):
-    """What the epilogue left: a broadcasting residual add, an activation it cannot apply."""
-    if residual is not None and not has_res:
-        out = np.add(out, residual)
-    if not done and act is not None:
-        from .activation import apply_act
-        apply_act(out, act)
-    return out
+    return residual_then_act(out.reshape(B, N, ho, wo), None if has_res else residual,
+                             None if done else act)
 
 
 @njit(cache=True, parallel=True)
@@ -504,12 +498,7 @@ def linear_gemm(x, weight, bias=None, act=None, residual=None):
     y = y.reshape(x.shape[:-1] + (weight.shape[0],))
     if bias is not None:
         y += bias
-    if residual is not None:
-        y = np.add(y, residual)
-    if act is not None:
-        from .activation import apply_act
-        apply_act(y, act)
-    return y
+    return residual_then_act(y, residual, act)
 
 
 # --- basis stage 1 by kn2row: one GEMM over the taps, then shifted adds ---------------------------

@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from . import Cost, Op, attr, mismatch, numel, per_output_element, register
+from . import PerElement, attr, mismatch, register
 from .conv import check_weight
 
 
 @register
-class BatchNorm(Op):
+class BatchNorm(PerElement):
     name = "batch_norm"
     weights = ("running_mean", "running_var")
     optional_weights = ("weight", "bias")               # affine part; absent: 1 and 0
@@ -52,9 +52,3 @@ class BatchNorm(Op):
         beta = beta0 - w["running_mean"] * alpha  # (C)
         shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over dim 1
         return x * alpha.reshape(shape) + beta.reshape(shape)
-
-    def cost(self, node, in_shapes, out_shape):
-        return Cost(other=numel(out_shape))
-
-    def counted(self, node, x):
-        return per_output_element(self, node, x)
