@@ -47,6 +47,11 @@ def family(name: str, input_shape: tuple[int, ...]):
     return deco
 
 
+def as_list(y) -> list:
+    """A model's outputs as a list: a dict's values in order, a tuple's items, or [tensor]."""
+    return list(y.values()) if isinstance(y, dict) else list(y) if isinstance(y, (tuple, list)) else [y]
+
+
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act=nn.ReLU) -> nn.Sequential:
     layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
     return nn.Sequential(*layers, act(inplace=True)) if act else nn.Sequential(*layers)

@@ -23,7 +23,7 @@ from engine.graph import Node
 from engine.ops import OPS, load_all
 from engine.spectrum import layer_spectra, rank_for_energy, singular_values
 from engine.verify import compare
-from tests.models import FAMILIES
+from tests.models import FAMILIES, as_list
 
 load_all()
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +32,6 @@ RTOL = 1e-5
 
 def rand(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def outputs(y):
-    return list(y.values()) if isinstance(y, dict) else list(y) if isinstance(y, tuple) else [y]
 
 
 # --- the math ---------------------------------------------------------------------------------
@@ -262,25 +258,34 @@ def test_mac_budget_is_respected(fraction):
 
 # --- whole networks ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def full_rank(tmp_path_factory):
-    """family -> (dense model, basis model at full rank, report, example input, exported basis file)."""
-    root = tmp_path_factory.mktemp("basis")
+def _convert_families(tmp_path_factory, energy):
+    """family -> (dense model, basis model at `energy`, report, example input, exported basis file)."""
+    root = tmp_path_factory.mktemp(f"basis{round(100 * energy)}")
     out = {}
     for name, (factory, shape) in FAMILIES.items():
         dense = factory()
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-        model, report = to_basis(dense, energy=1.0, force=True, example_input=x)
+        model, report = to_basis(dense, energy=energy, force=True, example_input=x)
         path = converters.export(model.eval(), x, root / f"{name}.h5", n_random=0)
         out[name] = (dense, model, report, x, path)
     return out
+
+
+@pytest.fixture(scope="module")
+def full_rank(tmp_path_factory):
+    return _convert_families(tmp_path_factory, 1.0)
+
+
+@pytest.fixture(scope="module")
+def truncated(tmp_path_factory):
+    return _convert_families(tmp_path_factory, 0.8)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_full_rank_basis_model_equals_the_dense_model(full_rank, name):
     dense, model, report, x, _ = full_rank[name]
     with torch.no_grad():
-        for want, got in zip(outputs(dense(x)), outputs(model(x))):
+        for want, got in zip(as_list(dense(x)), as_list(model(x))):
             assert compare(got.numpy(), want.numpy())[1] <= RTOL
     for r in report.records:
         assert (r.rank is None) == r.skipped.startswith("depthwise"), r
@@ -299,25 +304,11 @@ def test_exported_basis_model_runs_node_by_node_in_the_engine(full_rank, name):
     assert all(r.learnable_params < r.params for r in basis_rows if r.op.startswith("basis_"))
 
 
-@pytest.fixture(scope="module")
-def truncated(tmp_path_factory):
-    """family -> (dense model, basis model at 80 % energy, report, exported basis file)."""
-    root = tmp_path_factory.mktemp("truncated")
-    out = {}
-    for name, (factory, shape) in FAMILIES.items():
-        dense = factory()
-        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-        model, report = to_basis(dense, energy=0.8, force=True, example_input=x)
-        path = converters.export(model.eval(), x, root / f"{name}.h5", n_random=0)
-        out[name] = (dense, model, report, path)
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_truncated_basis_model_loses_the_discarded_energy_and_runs_in_the_engine(truncated, name):
     """Each decomposed layer's squared relative reconstruction error (float64, group by group) is
     its discarded energy 1 - kept; the exported model verifies node by node."""
-    dense, model, report, path = truncated[name]
+    dense, model, report, _, path = truncated[name]
     assert report.decomposed and any(r.energy < 0.99 for r in report.decomposed)   # really truncated
     for r in report.decomposed:
         layer = model.get_submodule(r.path)

@@ -320,8 +320,9 @@ def test_view_ops_really_return_views(variants):
 
 
 def test_plan_other_ops_count_folded_bn_as_bias_adds(variants):
-    total = variants["resnet18"]["dense"].count().total
-    bn = sum(r.other_ops for r in variants["resnet18"]["dense"].count().nodes if r.op == "batch_norm")
+    report = variants["resnet18"]["dense"].count()
+    total = report.total
+    bn = sum(r.other_ops for r in report.nodes if r.op == "batch_norm")
     # every BN of resnet18 follows a bias-free conv: folded, it becomes that conv's bias add
     assert total["plan_other_ops"] == total["other_ops"] and bn > 0
 

@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 import converters
 from converters import InputError, UnsupportedOpError, export
 from engine.format import load
-from tests.models import FAMILIES
+from tests.models import FAMILIES, as_list
 
 # the exact set of ops each family must export to
 _CNN = {"conv2d", "batch_norm", "relu", "linear"}
@@ -36,10 +36,6 @@ OPS = {
 }
 KIND = {"two_outputs": "tuple", "dict_outputs": "dict"}
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-
-
-def _as_list(y):
-    return list(y.values()) if isinstance(y, dict) else list(y) if isinstance(y, (tuple, list)) else [y]
 
 
 def _export_family(name, tmp_path):
@@ -84,7 +80,7 @@ def test_family_graph_and_references(name, tmp_path):
         for n in graph.nodes:
             assert list(run.nodes[n.name].shape[1:]) == n.shape[1:]
         with torch.no_grad():
-            want = _as_list(model(torch.from_numpy(run.inputs[graph.inputs[0].name])))
+            want = as_list(model(torch.from_numpy(run.inputs[graph.inputs[0].name])))
         got = [run.nodes[node] for _, node in graph.outputs]
         for w, g in zip(want, got, strict=True):
             np.testing.assert_allclose(g, w.numpy(), rtol=1e-6, atol=1e-6)
@@ -142,7 +138,7 @@ def test_reshape_encoding_survives_other_batch_sizes(tmp_path):
     assert codes == [[0, -1], [0, 0, -1], [-1, 5], [-1]]
     # the engine's semantics (0 = copy the input's size there, -1 inferred) at batch 3
     y3 = model.conv(torch.randn(3, 3, 7, 6)).detach()
-    for code, want in zip(codes, _as_list(model(torch.randn(3, 3, 7, 6)))):
+    for code, want in zip(codes, as_list(model(torch.randn(3, 3, 7, 6)))):
         target = [y3.shape[i] if c == 0 else c for i, c in enumerate(code)]
         assert list(y3.numpy().reshape(target).shape) == list(want.shape)
 

@@ -10,25 +10,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_format import edit, edit_graph, tiny_graph
+from test_format import edit, edit_graph, good, tiny_graph  # noqa: F401 - good: a fixture
 
 import engine
 from engine import format as fmt
 from engine.graph import Graph, Node, TensorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-X = np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32)
+X = np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32)     # test_format's good input
 CONV = {"stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1, "padding_mode": "zeros"}
-
-
-@pytest.fixture
-def good(tmp_path):
-    """tiny_graph with every node's reference for X."""
-    path = tmp_path / "good.h5"
-    g = tiny_graph()
-    acts = engine.Model(g, fmt.References()).activations(X, kernels="reference")
-    fmt.save(path, g, fmt.References([fmt.Reference({"x": X}, acts)], stored="all", source="test"))
-    return path
 
 
 def one_node(op, attrs=None, weights=None, shape=(None, 3, 6, 6)) -> Graph:

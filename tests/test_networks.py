@@ -6,7 +6,7 @@ import torch
 
 import converters
 import engine
-from tests.models import FAMILIES
+from tests.models import FAMILIES, as_list
 from engine.verify import compare
 
 RTOL = 1e-5
@@ -43,7 +43,7 @@ def test_outputs_match_pytorch_at_other_batch(exported, name):
     with torch.no_grad():
         want = torch_model(x)
     got = model(x.numpy())
-    want, got = _flatten(want), _flatten(got)
+    want, got = as_list(want), as_list(got)
     assert len(want) == len(got)
     for w, g in zip(want, got):
         _, rel = compare(g, w.numpy())
@@ -78,11 +78,3 @@ def test_multi_output_kinds(exported):
             want = torch_model(x)
         if kind is dict:
             assert list(got) == list(want)
-
-
-def _flatten(y):
-    if isinstance(y, dict):
-        return list(y.values())
-    if isinstance(y, (tuple, list)):
-        return list(y)
-    return [y]

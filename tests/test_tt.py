@@ -22,6 +22,7 @@ from engine.graph import Graph, Node, TensorSpec
 from engine.ops import OPS, load_all
 from engine.ops.tt import STRATEGIES, chain_macs, conv_kernel, set_strategy, tt_matrix
 from engine.plan import Plan
+from engine.verify import compare
 
 load_all()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +33,9 @@ def rand(*shape, seed=0):
 
 
 def rel(got, want) -> float:
-    want = np.asarray(want, np.float64)
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.isfinite(want).all() and want.any()      # where compare() falls back to looser checks
+    return compare(got, want)[1]                        # inf on a shape mismatch (no broadcasting)
 
 
 def decaying(shape, seed=0):
@@ -48,6 +50,23 @@ def decaying(shape, seed=0):
 def engine_node(module: nn.Module) -> Node:
     op, attrs, weights = LEAF_EXPORTERS[type(module)](module)
     return Node("tt", op, ["x"], attrs, weights)
+
+
+def matches_torch(m: nn.Module, x: np.ndarray):
+    """m's engine node passes check_attrs and infer; reference and every strategy give m(x) as
+    C-contiguous float32. Returns (node, op, want)."""
+    with torch.no_grad():
+        want = m(torch.from_numpy(x)).numpy()
+    node = engine_node(m)
+    op = OPS[node.op]
+    op.check_attrs(node)
+    assert op.infer(node, [x.shape]) == want.shape
+    assert rel(op.reference(node, x), want) <= 1e-5
+    for s in STRATEGIES:
+        node.attrs["strategy"] = s
+        y = op.run(node, x)
+        assert y.dtype == np.float32 and y.flags.c_contiguous and rel(y, want) <= 1e-5, s
+    return node, op, want
 
 
 # --- factorization ----------------------------------------------------------------------------
@@ -122,16 +141,7 @@ def test_tt_conv2d_both_strategies_match_torch(case):
     if bias:
         nn.init.normal_(m.bias, generator=gen)
     x = rand(2, int(np.prod(in_modes)), 9, 8, seed=1)
-    with torch.no_grad():
-        want = m(torch.from_numpy(x)).numpy()
-    node, op = engine_node(m), OPS["tt_conv2d"]
-    op.check_attrs(node)
-    assert op.infer(node, [x.shape]) == want.shape
-    assert rel(op.reference(node, x), want) <= 1e-5
-    for s in STRATEGIES:
-        node.attrs["strategy"] = s
-        y = op.run(node, x)
-        assert y.dtype == np.float32 and y.flags.c_contiguous and rel(y, want) <= 1e-5, s
+    node, op, want = matches_torch(m, x)
     np.testing.assert_array_equal(x, rand(2, int(np.prod(in_modes)), 9, 8, seed=1))  # input untouched
     # counts: the chain (spatial term C kh kw r_0 first) vs the dense conv, per output pixel
     costs = op.costs(node, [x.shape], want.shape)
@@ -155,15 +165,7 @@ def test_tt_linear_both_strategies_match_torch(in_modes, out_modes, ranks, lead)
     m = TTLinear.scratch(in_modes, out_modes, ranks, generator=torch.Generator().manual_seed(0))
     nn.init.normal_(m.bias)
     x = rand(*lead, int(np.prod(in_modes)), seed=2)
-    with torch.no_grad():
-        want = m(torch.from_numpy(x)).numpy()
-    node, op = engine_node(m), OPS["tt_linear"]
-    op.check_attrs(node)
-    assert op.infer(node, [x.shape]) == want.shape
-    assert rel(op.reference(node, x), want) <= 1e-5
-    for s in STRATEGIES:
-        node.attrs["strategy"] = s
-        assert rel(op.run(node, x), want) <= 1e-5, s
+    node, op, want = matches_torch(m, x)
     rows = int(np.prod(lead))
     assert op.costs(node, [x.shape], want.shape) == {
         "contract": rows * chain_macs(in_modes, out_modes, [1, *ranks, 1]),
@@ -254,15 +256,17 @@ def test_export_and_verify_a_net_with_tt_layers(tmp_path):
     x = torch.randn(2, 3, 10, 10)
     path = tmp_path / "tt.h5"
     export(net, x, path)
+    with torch.no_grad():
+        want = net(x).numpy()
     for s in STRATEGIES:
         model = engine.load(path)
         set_strategy(model.graph, s)
         assert sorted(n.op for n in model.graph.nodes if n.op.startswith("tt")) == \
             ["tt_conv2d", "tt_conv2d", "tt_linear"]
         assert model.verify().ok, model.verify().summary()
-        assert rel(model(x.numpy()), net(x).detach().numpy()) <= 1e-5
+        assert rel(model(x.numpy()), want) <= 1e-5
         acts = model.activations(x.numpy(), kernels="reference")
-        assert rel(acts[model.graph.outputs[0][1]], net(x).detach().numpy()) <= 1e-5
+        assert rel(acts[model.graph.outputs[0][1]], want) <= 1e-5
 
 
 def test_to_tt_full_rank_and_naive_keep_the_outputs(tmp_path):
