@@ -199,16 +199,12 @@ def cmd_bench(a) -> int:
     import numba
 
     from . import load
+    from .count import reference_input_shapes
     if a.threads:
         numba.set_num_threads(a.threads)
     model = load(a.model)
-    specs = model.graph.inputs
-    if a.input_shape:
-        shapes = [tuple(s) for s in a.input_shape]
-    else:
-        first = model.references.runs[0].inputs if model.references.runs else None
-        shapes = [(a.batch,) + tuple(first[t.name].shape[1:] if first else
-                                     (1 if d is None else d for d in t.shape[1:])) for t in specs]
+    shapes = ([tuple(s) for s in a.input_shape] if a.input_shape
+              else list(reference_input_shapes(model, a.batch).values()))
     rng = np.random.default_rng(0)
     xs = tuple(rng.standard_normal(s, dtype=np.float32) for s in shapes)
     x = xs[0] if len(xs) == 1 else xs

@@ -137,12 +137,18 @@ def _plan_other_ops(plan, shapes) -> int:
     return total
 
 
+def reference_input_shapes(model, batch: int = 1) -> dict[str, tuple]:
+    """Input name -> the stored reference input's shape (else the declared one) at `batch`."""
+    runs = model.references.runs
+    return {t.name: (batch,) + (runs[0].inputs[t.name].shape[1:] if runs else
+                                tuple(1 if s is None else s for s in t.shape[1:]))
+            for t in model.graph.inputs}
+
+
 def _input_shapes(model, input_shape) -> dict[str, tuple]:
     inputs = model.graph.inputs
     if input_shape is None:
-        if model.references.runs:
-            return {t.name: (1,) + model.references.runs[0].inputs[t.name].shape[1:] for t in inputs}
-        return {t.name: tuple(1 if s is None else s for s in t.shape) for t in inputs}
+        return reference_input_shapes(model)
     if not isinstance(input_shape, (tuple, list)):
         raise InputError(f"input_shape must be a shape like (1, 3, 32, 32) or a tuple of them, got {input_shape!r}")
     one = not any(isinstance(s, (tuple, list)) for s in input_shape)
