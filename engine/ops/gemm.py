@@ -48,7 +48,7 @@ from numba import njit, prange, types
 from numba.np.linalg import ensure_blas
 
 from .activation import residual_then_act
-from .sgemm import sgemm
+from .sgemm import NR, sgemm
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -87,8 +87,22 @@ _xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
 
 @njit(cache=True)
 def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
-    """Row-major C = A @ B over flat float32 arrays, single-threaded (sgemm.sgemm)."""
-    sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc)
+    """Row-major C = A @ B over flat float32 arrays, single-threaded:
+    c[oc + i*ldc + j] = sum_l a[oa + i*lda + l] * B[l, j] for i < m, j < n, where B[l, j] is
+    b[ob + l*ldb + j], or b[ob + j*ldb + l] when tb (B stored transposed). The engine's own
+    sgemm.sgemm, except with fewer columns than its register tile (late layers at batch 1),
+    where BLAS's wastes less."""
+    if n >= NR:
+        sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc)
+        return
+    if m <= 0 or n <= 0:
+        return
+    s = np.empty(2, np.float32)
+    s[0] = 1.0
+    s[1] = 0.0
+    # column-major view: C^T (n x m) = op(B)^T (n x k) @ A^T (k x m)
+    _xxgemm(115, 116 if tb else 110, 110, n, m, k, s[0:].ctypes, b[ob:].ctypes, ldb,
+            a[oa:].ctypes, lda, s[1:].ctypes, c[oc:].ctypes, ldc)
 
 
 @njit(cache=True)
