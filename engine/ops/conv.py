@@ -156,7 +156,8 @@ def conv_workspace(x_shape, out_shape, weight_shape, groups, attrs, rank=None) -
     else:
         H, W = H + t + b, W + l + r
     return padded + workspace(B, C, N, weight_shape[2], weight_shape[3], ho, wo, groups, rank,
-                              attrs["stride"], H, W, attrs["dilation"][0])
+                              attrs["stride"], H, W, attrs["dilation"][0],
+                              (0, 0, 0, 0) if padded else attrs["padding"])
 
 
 @njit(cache=True)

@@ -48,11 +48,12 @@ from numba import njit, prange, types
 from numba.np.linalg import ensure_blas
 
 from .activation import residual_then_act
-from .sgemm import NR, sgemm
+from .sgemm import KC, MR, NR, _micro, pack_rows, sgemm
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
 BATCH_COLS_CAP = 1 << 22     # values of the batched column matrix (16 MB): larger batches go in groups
+PACKED_CHUNK_VALUES = 1 << 17  # values of one packed task's scratch (512 KB: L2)
 ACT_CODES = {"relu": 1, "clip": 2, "leaky_relu": 3}
 
 
@@ -311,6 +312,114 @@ def _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P):
             _finish(of, o, tf, n * BP + q0, q1 - q0, bias[n], rf, o, has_res, act, a0, a1)
 
 
+# --- packed path: im2col straight into the micro-kernel's panels, weights packed once ---------------
+#
+# Dense convs and basis convs with one group: the batch's output positions (columns b*P + p) are
+# cut into chunks of nch; a task (chunk, part) builds the chunk's im2col columns KC rows at a time
+# straight into B micro-panels (`_pack_cols`, in L2), multiplies them by the weights packed once
+# per weight array (sgemm.pack_rows) into a chunk of C, and applies the epilogue to the chunk.
+# A basis conv keeps its chunk of basis responses as the combine's B panels. Parts split the
+# output rows when there are fewer chunks than threads.
+
+
+@njit(cache=True)
+def _pack_cols(xpf, colbase, delta, k0, kc, tiles, bp):
+    """B micro-panels of rows [k0, k0 + kc) of the im2col matrix of tiles*NR columns, gathered
+    from the padded input xpf (flat): bp[(t*kc + r)*NR + l] = xpf[colbase[t*NR + l] +
+    delta[k0 + r]], colbase: a column's window corner, delta: a row's tap offset. Branch-free,
+    so that it vectorizes (unsigned indices: no negative-index wrap)."""
+    for t in range(tiles):
+        cb = colbase[t * NR:(t + 1) * NR]
+        for r in range(kc):
+            dl = delta[k0 + r]
+            d = bp[(t * kc + r) * NR:(t * kc + r + 1) * NR]
+            for l in range(NR):
+                d[l] = xpf[np.uintp(cb[l] + dl)]
+
+
+@njit(cache=True, parallel=True)
+def _pad_input(x, pt, pl, Hp, Wp, xpf):
+    """xpf[((b*C + c)*Hp + y)*Wp + z] = x[b, c, y - pt, z - pl], 0 outside x (zero padding)."""
+    B, C, H, W = x.shape
+    for t in prange(B * C):
+        o = t * Hp * Wp
+        xpf[o:o + Hp * Wp] = 0.0
+        src = x[t // C, t % C]
+        for y in range(H):
+            d = xpf[o + (y + pt) * Wp + pl:o + (y + pt) * Wp + pl + W]
+            s = src[y]
+            for z in range(W):
+                d[z] = s[z]
+
+
+@njit(cache=True, parallel=True)
+def _conv_packed(xpf, C, Hp, Wp, delta, wp, cp, two, bias, res, has_res, act, a0, a1, sh, sw,
+                 ho, wo, nch, parts, out, ws):
+    """Conv (two False: wp = pack_rows(weight (N, K))) or basis conv (two True:
+    wp = pack_rows(basis (M, K)), cp = pack_rows(combine (N, M), k_pad=Mp)) of x (B, C, H, W),
+    one group, into out (B, N, H'*W'), of the zero-padded input xpf (B, C, Hp, Wp) flat; delta
+    (K): each im2col row's tap offset in it, K = C*kh*kw; Mp = M rounded up to MR. Task (chunk,
+    part): columns [chunk*nch, +nch) of the B*H'*W', output row panels [part/parts, (part+1)/
+    parts) of all; tasks dealt round-robin to the rows of ws (one per thread): B panels
+    (KC*nch) | basis responses (Mp*nch, two only) | C chunk (Np*nch)."""
+    N, P = out.shape[1], out.shape[2]
+    B = out.shape[0]
+    K = delta.size
+    R1 = wp.size // K                       # stage-1 rows: Np, or Mp for a basis conv
+    Np = cp.size // R1 if two else R1       # output rows rounded up to MR
+    kcmax = min(KC, K)
+    cols = B * P
+    chunks = (cols + nch - 1) // nch
+    tasks = chunks * parts
+    T = ws.shape[0]
+    of = out.ravel()
+    rf = res.ravel()
+    for t in prange(T):
+        buf = ws[t]
+        sb = kcmax * nch                    # basis responses, (tiles, Mp, NR)
+        cb = sb + (R1 * nch if two else 0)  # C chunk, (Np, nch)
+        colbase = np.empty(nch + NR, np.intp)    # each column's window corner in xpf
+        for task in range(t, tasks, T):
+            q0 = task // parts * nch
+            part = task % parts
+            nq = min(nch, cols - q0)
+            tiles = (nq + NR - 1) // NR
+            for q in range(tiles * NR):
+                g = q0 + min(q, nq - 1)                  # lanes past nq repeat the last column
+                b = g // P
+                p = g - b * P
+                colbase[q] = (b * C * Hp + p // wo * sh) * Wp + p % wo * sw
+            s0 = Np // MR * part // parts
+            s1 = Np // MR * (part + 1) // parts
+            for k0 in range(0, K, KC):
+                kc = min(KC, K - k0)
+                _pack_cols(xpf, colbase, delta, k0, kc, tiles, buf)
+                if two:
+                    for s in range(R1 // MR):
+                        for tt in range(tiles):
+                            _micro(kc, wp, (s * K + k0) * MR, buf, tt * kc * NR, buf,
+                                   sb + (tt * R1 + s * MR) * NR, NR, k0 > 0)
+                else:
+                    for s in range(s0, s1):
+                        for tt in range(tiles):
+                            _micro(kc, wp, (s * K + k0) * MR, buf, tt * kc * NR, buf,
+                                   cb + s * MR * nch + tt * NR, nch, k0 > 0)
+            if two:
+                for s in range(s0, s1):
+                    for tt in range(tiles):
+                        _micro(R1, cp, s * R1 * MR, buf, sb + tt * R1 * NR, buf,
+                               cb + s * MR * nch + tt * NR, nch, False)
+            for n in range(s0 * MR, min(N, s1 * MR)):
+                q = 0
+                while q < nq:
+                    b = (q0 + q) // P
+                    p = q0 + q - b * P
+                    m = min(P - p, nq - q)
+                    o = (b * N + n) * P + p
+                    _finish(of, o, buf, cb + n * nch + q, m, bias[n], rf, o, has_res, act, a0, a1)
+                    q += m
+
+
 # --- Python side --------------------------------------------------------------------------------
 
 _NO_RES = np.zeros((1, 1, 1), np.float32)
@@ -376,10 +485,44 @@ def threads() -> int:
     return numba.config.NUMBA_NUM_THREADS
 
 
+def plan_packed(cols, K, Np, Mp, T):
+    """(nch, parts, scratch per thread) of _conv_packed for cols output positions, K im2col rows,
+    Np output rows and Mp basis rows (0 for a conv), both rounded up to MR: chunks of nch
+    columns whose B panels, basis responses and C fit in ~512 KB (L2), as many chunks as a
+    multiple of T; when there are fewer chunks than threads, parts split the output rows."""
+    kc = min(KC, K)
+    per_column = kc + Mp + Np
+    nch = max(NR, PACKED_CHUNK_VALUES // per_column // NR * NR)
+    rounds = -(-cols // (nch * T))                  # chunks per thread
+    nch = min(nch, -(-cols // (rounds * T * NR)) * NR)
+    chunks = -(-cols // nch)
+    parts = min(Np // MR, -(-T // chunks)) if chunks < T else 1
+    return nch, parts, per_column * nch
+
+
+def tap_offsets(C, kh, kw, dh, dw, Hp, Wp) -> np.ndarray:
+    """(C*kh*kw) offsets in a (C, Hp, Wp) plane of im2col row (c*kh + i)*kw + j's tap."""
+    c, i, j = np.meshgrid(np.arange(C), np.arange(kh) * dh, np.arange(kw) * dw, indexing="ij")
+    return ((c * Hp + i) * Wp + j).ravel().astype(np.intp)
+
+
+def use_packed(groups, cols, kn2row) -> bool:
+    """The packed path (_conv_packed) for one group and at least a register tile of columns,
+    unless basis stage 1 runs by kn2row (it reads each input value once, im2col kh*kw times:
+    with few basis filters that gather would cost more than the multiply)."""
+    return groups == 1 and cols >= NR and not kn2row
+
+
 def plan_conv(B, C, N, kh, kw, ho, wo, groups, M=None, T=None, kn2row=False, H=0, W=0, dh=1):
-    """How conv_gemm runs these shapes: ("image", bands per image, scratch per thread) or
-    ("batched", images per group, scratch per group); M: basis rank (None for a plain conv);
-    kn2row: basis stage 1 by kn2row on an H x W input (stride 1, dilation dh)."""
+    """How conv_gemm runs these shapes: ("packed", (nch, parts), scratch per thread), ("image",
+    bands per image, scratch per thread) or ("batched", images per group, scratch per group);
+    M: basis rank (None for a plain conv); kn2row: basis stage 1 by kn2row on an H x W input
+    (stride 1, dilation dh)."""
+    T = T or threads()
+    if use_packed(groups, B * ho * wo, kn2row):
+        up = lambda v: -(-v // MR) * MR
+        nch, parts, scratch = plan_packed(B * ho * wo, C * kh * kw, up(N), 0 if M is None else up(M), T)
+        return "packed", (nch, parts), scratch
     T = T or threads()
     P = ho * wo
     Kg = C // groups * kh * kw
@@ -399,12 +542,16 @@ def plan_conv(B, C, N, kh, kw, ho, wo, groups, M=None, T=None, kn2row=False, H=0
     return "batched", min(B, per), min(B, per) * per_image
 
 
-def workspace(B, C, N, kh, kw, ho, wo, groups, M=None, stride=(1, 1), H=0, W=0, dh=1) -> int:
+def workspace(B, C, N, kh, kw, ho, wo, groups, M=None, stride=(1, 1), H=0, W=0, dh=1,
+              padding=(0, 0, 0, 0)) -> int:
     """Scratch values conv_gemm allocates for these shapes (at most, over thread counts)."""
     T = threads()
     kn = use_kn2row(C // groups, M, stride)
     how, _, scratch = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T, kn, H, W, dh)
-    return T * scratch if how == "image" else scratch
+    if how == "packed":     # + the zero-padded input
+        padded = B * C * (H + padding[0] + padding[2]) * (W + padding[1] + padding[3])
+        return T * scratch + (padded if any(padding) else 0)
+    return scratch if how == "batched" else T * scratch
 
 
 def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, act=None,
@@ -437,6 +584,22 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     w1m = w1.reshape(GM, Cg * kh * kw)
     w2m = w2 if two else _NO_W2
     T = threads()
+    if use_packed(groups, B * ho * wo, use_kn2row(Cg, M, stride)):
+        how, (nch, parts), scratch = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T)
+        wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
+        cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, -(-M // MR) * MR)) if two else wp
+        Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
+        if any(padding):
+            xpf = np.empty(B * C * Hp * Wp, np.float32)       # (B, C, Hp, Wp)
+            _pad_input(x, pt, pl, Hp, Wp, xpf)
+        else:
+            xpf = x.ravel()
+        delta = tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
+        ws = np.empty((T, scratch), np.float32)
+        _conv_packed(xpf, C, Hp, Wp, delta, wp, cp, two, bias, res3, has_res, code, a0, a1, sh,
+                     sw, ho, wo, nch, parts, out, ws)
+        return residual_then_act(out.reshape(B, N, ho, wo), None if has_res else residual,
+                                 None if done else act)
     if use_kn2row(Cg, M, stride):
         wk = kn2row_weights(w1, groups)
         how, a, scratch = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T, True, H, W, dh)

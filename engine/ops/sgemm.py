@@ -201,3 +201,15 @@ def sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
 def sgemm_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a (m, k) @ b (k, n) in float64, rounded to float32: what sgemm approximates."""
     return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+
+
+def pack_rows(w: np.ndarray, k_pad: int = 0) -> np.ndarray:
+    """w (m, k) as MR-tall micro-panels over all of k, for the kernels that keep a weight packed:
+    (ceil(m/MR) * max(k, k_pad) * MR) with [(s*K + p)*MR + i] = w[s*MR + i, p], zero past row m
+    and past column k (K = max(k, k_pad))."""
+    m, k = w.shape
+    K = max(k, k_pad)
+    panels = -(-m // MR)
+    out = np.zeros((panels * MR, K), np.float32)
+    out[:m, :k] = w
+    return np.ascontiguousarray(out.reshape(panels, MR, K).transpose(0, 2, 1)).ravel()
