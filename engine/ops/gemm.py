@@ -493,8 +493,9 @@ def plan_packed(cols, K, Np, Mp, T):
     kc = min(KC, K)
     per_column = kc + Mp + Np
     nch = max(NR, PACKED_CHUNK_VALUES // per_column // NR * NR)
-    rounds = -(-cols // (nch * T))                  # chunks per thread
-    nch = min(nch, -(-cols // (rounds * T * NR)) * NR)
+    by_rows = not Mp and cols <= Np      # weight-bound: each thread reads its share of rows
+    rounds = -(-cols // (nch * (1 if by_rows else T)))
+    nch = min(nch, -(-cols // (rounds * (1 if by_rows else T) * NR)) * NR)
     chunks = -(-cols // nch)
     parts = min(Np // MR, -(-T // chunks)) if chunks < T else 1
     return nch, parts, per_column * nch
