@@ -47,14 +47,16 @@ NC = 2048                       # columns of B per packed block
 
 
 @intrinsic
-def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, c_t, oc_t, ldc_t, add_t):
-    """c[oc + i*ldc + j] (+= when add) sum_p a[oa + p*MR + i] * b[ob + p*NR + j] for i < MR,
-    j < NR, p < k: the register tile, 2*MR vector accumulators, one FMA per (i, vector, p)."""
-    sig = types.void(types.intp, a_t, types.intp, b_t, types.intp, c_t, types.intp, types.intp,
-                     types.boolean)
+def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t, add_t):
+    """c[oc + i*ldc + j] (+= when add) sum_p a[oa + p*MR + i] * b[ob + boff[obf + p] + j] for
+    i < MR, j < NR, p < k: the register tile, 2*MR vector accumulators, one FMA per (i, vector,
+    p). B's rows are NR contiguous values anywhere in b (boff: p*NR for a packed micro-panel,
+    the taps' offsets when the conv reads its input in place)."""
+    sig = types.void(types.intp, a_t, types.intp, b_t, types.intp, boff_t, types.intp, c_t,
+                     types.intp, types.intp, types.boolean)
 
     def codegen(context, builder, signature, args):
-        k, a, oa, b, ob, c, oc, ldc, add = args
+        k, a, oa, b, ob, boff, obf, c, oc, ldc, add = args
         intp = context.get_value_type(types.intp)
         vec = ir.VectorType(ir.FloatType(), VW)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
@@ -67,6 +69,7 @@ def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, c_t, oc_t, ldc_t, add_t):
             return ir.Constant(intp, v)
 
         ap, bp, cp = ptr(a_t, a, oa), ptr(b_t, b, ob), ptr(c_t, c, oc)
+        op = ptr(boff_t, boff, obf)
         entry = builder.block
         head = builder.append_basic_block("micro.head")
         body = builder.append_basic_block("micro.body")
@@ -83,9 +86,9 @@ def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, c_t, oc_t, ldc_t, add_t):
         builder.cbranch(builder.icmp_signed("<", p, k), body, tail)
 
         builder.position_at_end(body)
-        bv = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(builder.mul(p, const(NR)),
-                                                                        const(v * VW))]),
-                                           vec.as_pointer()), align=4) for v in range(2)]
+        row = builder.gep(bp, [builder.load(builder.gep(op, [p]))])
+        bv = [builder.load(builder.bitcast(builder.gep(row, [const(v * VW)]), vec.as_pointer()),
+                           align=4) for v in range(2)]
         zeros = ir.Constant(ir.VectorType(ir.IntType(32), VW), [0] * VW)
         undef = ir.Constant(vec, ir.Undefined)
         new = []
@@ -169,6 +172,7 @@ def sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
     bp = np.empty(kcmax * ncmax, np.float32)
     ap = np.empty(kcmax * mcmax, np.float32)
     tile = np.empty(MR * NR, np.float32)
+    rows = np.arange(kcmax) * NR                # B micro-panel row offsets
     for j0 in range(0, n, NC):
         nc = min(NC, n - j0)
         for k0 in range(0, k, KC):
@@ -184,9 +188,9 @@ def sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
                         h = min(MR, mc - s * MR)
                         o = oc + (i0 + s * MR) * ldc + j0 + t * NR
                         if h == MR and w == NR:
-                            _micro(kc, ap, s * kc * MR, bp, t * kc * NR, c, o, ldc, add)
+                            _micro(kc, ap, s * kc * MR, bp, t * kc * NR, rows, 0, c, o, ldc, add)
                         else:
-                            _micro(kc, ap, s * kc * MR, bp, t * kc * NR, tile, 0, NR, False)
+                            _micro(kc, ap, s * kc * MR, bp, t * kc * NR, rows, 0, tile, 0, NR, False)
                             for i in range(h):
                                 d = c[o + i * ldc:o + i * ldc + w]
                                 src = tile[i * NR:i * NR + w]
