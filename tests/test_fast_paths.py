@@ -1,6 +1,7 @@
-"""Every fast path added for speed, held to its reference: the GEMM conv kernels (per-image and
-batched splits, im2col and kn2row, fused epilogue), linear, 2x2 max pooling, global average
-pooling, the plan's residual-add fusion and the single-threaded BLAS setting."""
+"""Every fast path added for speed, held to its reference: the engine's sgemm, the GEMM conv
+kernels (packed gather and grid modes, per-image and batched splits, im2col and kn2row, fused
+epilogue), linear, 2x2 max pooling, global average pooling, the plan's residual-add fusion and
+the single-threaded BLAS setting."""
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
@@ -8,7 +9,7 @@ from threadpoolctl import threadpool_info
 import engine
 from engine import format as fmt
 from engine.graph import Graph, Node, TensorSpec
-from engine.ops import OPS, gemm, load_all
+from engine.ops import OPS, gemm, load_all, sgemm
 from engine.ops.activation import apply_act
 from engine.ops.conv import basis_conv2d_fast, conv2d_fast, conv_out_hw
 
@@ -52,6 +53,10 @@ CASES = [
     (1, 8, 4, 40, 40, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # per image, 2 bands
     (2, 8, 8, 9, 10, 3, 3, (1, 1), (1, 0, 2, 1), (2, 1), 2),
     (1, 12, 6, 30, 31, 3, 2, (1, 1), (2, 1, 0, 1), (2, 2), 2),
+    (2, 32, 40, 30, 30, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # packed grid, K > KC
+    (1, 32, 13, 60, 60, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1),   # packed grid, dilated, 1 image
+    (2, 40, 64, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # packed, rows split over threads
+    (3, 30, 50, 13, 17, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),   # packed gather, strided
 ]
 
 
@@ -82,6 +87,44 @@ def test_basis_conv_matches_reference(case):
         close(got, np.maximum(want + res, 0), np.abs(want + res).max())
         close(basis_conv2d_fast(x, basis, comb, None, stride, pad, dil, g, "zeros"),
               OPS["basis_conv2d"].reference(basis_node(basis, comb, None, stride, pad, dil, g), x))
+
+
+def test_cases_cover_the_packed_modes():
+    """The CASES above reach each conv path (so the tests cannot drift off one)."""
+    seen = set()
+    for B, C, N, H, W, kh, kw, stride, pad, dil, g in CASES:
+        ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
+        Wp = W + pad[1] + pad[3]
+        grid = gemm.use_grid(stride, ho, wo, Wp, C // g * kh * kw)
+        how, a, _ = gemm.plan_conv(B, C, N, kh, kw, ho, wo, g, Wp=Wp if grid else 0)
+        seen.add(how if how != "packed" else ("grid" if a[2] else "gather", a[1] > 1))
+    assert {"image", "batched", ("grid", False), ("gather", False), ("gather", True)} <= seen
+
+
+@pytest.mark.parametrize("m,n,k,tb", [(1, 1, 1, False), (12, 32, 256, False), (13, 33, 257, True),
+                                      (5, 70, 600, False), (130, 40, 3, True), (7, 2100, 9, False),
+                                      (4, 5, 0, False)])
+def test_sgemm_matches_reference(m, n, k, tb):
+    """Edges of every blocking (MR, NR, KC, MC, NC), offsets and leading dimensions past the
+    matrix; C outside its m x n window is left alone."""
+    a = rand(2 + m * (k + 3))                                   # offset 2, lda = k + 3
+    rows, ldb = (n, k + 1) if tb else (k, n + 2)
+    b = rand(1 + rows * ldb, seed=1)                            # offset 1
+    c = np.full((m + 1, n + 4), 7.0, np.float32)                # offset ldc + 1, ldc = n + 4
+    sgemm.sgemm(tb, m, n, k, a, 2, k + 3, b, 1, ldb, c.ravel(), n + 5, n + 4)
+    bm = b[1:].reshape(rows, ldb)
+    bm = bm[:, :k].T if tb else bm[:, :n]
+    want = sgemm.sgemm_reference(a[2:].reshape(m, k + 3)[:, :k], bm)
+    close(c[1:, 1:n + 1].copy(), want, max(1.0, np.abs(want).max()))
+    assert (c[0] == 7).all() and (c[:, 0] == 7).all() and (c[:, n + 1:] == 7).all()
+
+
+def test_packed_rows_layout():
+    w = rand(14, 5)
+    p = sgemm.pack_rows(w, 8).reshape(-1, 8, sgemm.MR)
+    assert p.shape == (-(-14 // sgemm.MR), 8, sgemm.MR)
+    np.testing.assert_array_equal(p[1, 3, 1], w[sgemm.MR + 1, 3])
+    assert (p[:, 5:] == 0).all() and (p[-1, :, 14 - sgemm.MR * (p.shape[0] - 1):] == 0).all()
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
