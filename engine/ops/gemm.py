@@ -1,19 +1,27 @@
-"""GEMM-shaped fast kernels: conv2d and basis conv (im2col + sgemm) and linear, with the bias add,
-a residual add and a simple activation fused into one epilogue, run as Numba-parallel tasks that
-each call single-threaded BLAS.
+"""GEMM-shaped fast kernels: conv2d and basis conv and linear, with the bias add, a residual add
+and a simple activation fused into one epilogue, run as Numba-parallel tasks that each call a
+single-threaded GEMM: the engine's own (ops/sgemm.py), or BLAS for GEMMs narrower than its
+register tile (`_gemm`).
 
-Threading (docs/ARCHITECTURE.md, "Threading"): one pool per call, Numba's. Every sgemm here is
-called from inside a prange task through Numba's BLAS helper (`numba_xxgemm`, the sgemm that
+Threading (docs/ARCHITECTURE.md, "Threading"): one pool per call, Numba's. Where BLAS is called,
+it is from inside a prange task through Numba's BLAS helper (`numba_xxgemm`, the sgemm that
 scipy.linalg.cython_blas exports), and that BLAS is set to one thread at import
 (`single_threaded_blas`), so OpenBLAS never starts threads of its own that would spin-wait
 against Numba's. NumPy's own BLAS is left as the user set it; the engine does not call it on
 any hot path.
 
-Two ways to split a conv (`conv_gemm`), P = H'W' output positions per image:
+Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per image:
+  packed      (one group, B*P >= NR; not for basis convs whose stage 1 is kn2row per image)
+              `_conv_packed`: weights packed once (sgemm.pack_rows); the output positions cut
+              into chunks sized for L2; per chunk the im2col columns are gathered KC rows at a
+              time straight into the micro-kernel's panels (`_pack_cols`), or at stride 1 on
+              wide images read in place ("grid", `use_grid`); the micro-kernel writes a C chunk
+              whose epilogue goes to the output. Split by chunks, or by output rows when a
+              layer has fewer columns than rows (weight-bound).
   per image   (P >= PER_IMAGE_MIN) tasks are (image, band of output rows), statically spread
               over the threads; each task im2cols its band into its thread's scratch, runs the
-              sgemm(s) straight into the output and applies the epilogue there, in cache.
-  batched     (small P: late layers, batch 1) the whole batch's columns (K, B*P) in one matrix
+              GEMM(s) straight into the output and applies the epilogue there, in cache.
+  batched     (small P: grouped convs, batch 1) the whole batch's columns (K, B*P) in one matrix
               (a prange over (image, channel) fills it), then one GEMM split over the threads
               by output channels when B*P < N (each thread reads half the weights: these layers
               are weight-bound) or else by columns, the epilogue scattering (N, B*P) back to
@@ -22,7 +30,7 @@ Two ways to split a conv (`conv_gemm`), P = H'W' output positions per image:
 A basis conv runs both stages in the same tasks: the basis responses of a task's columns stay in
 its scratch and are combined at once (batched: a second GEMM phase after a barrier). With stride
 1 and fewer basis filters than input channels per group, stage 1 is kn2row instead of im2col: one
-sgemm of every tap's filters (kh*kw*M rows) against the input itself, then shifted adds
+GEMM of every tap's filters (kh*kw*M rows) against the input itself, then shifted adds
 (`_kn2row_image`, `_kn2row_batched`).
 1x1 stride-1 unpadded convs skip im2col in the per-image split (the image is the column matrix).
 Also here: `linear_gemm` (linear, output features split) and `matmul` (the TT chain).
