@@ -95,10 +95,9 @@ def test_cases_cover_the_packed_modes():
     seen = set()
     for B, C, N, H, W, kh, kw, stride, pad, dil, g in CASES:
         ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
-        Wp = W + pad[1] + pad[3]
-        grid = gemm.use_grid(stride, ho, wo, Wp, C // g * kh * kw)
-        how, a, _ = gemm.plan_conv(B, C, N, kh, kw, ho, wo, g, Wp=Wp if grid else 0)
-        seen.add(how if how != "packed" else ("grid" if a[2] else "gather", a[1] > 1))
+        plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g)
+        seen.add(plan.how if plan.how != "packed"
+                 else ("grid" if plan.grid else "gather", plan.split[1] > 1))
     assert {"image", "batched", ("grid", False), ("gather", False), ("gather", True)} <= seen
 
 

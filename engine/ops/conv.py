@@ -24,7 +24,7 @@ from numba import njit, prange
 from ..errors import FormatError
 from . import Cost, Op, attr, mismatch, numel, register
 from .activation import residual_then_act
-from .gemm import conv_gemm, workspace
+from .gemm import conv_gemm, plan_conv
 from .shape import int_min, ints
 
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -144,7 +144,7 @@ def conv_workspace(x_shape, out_shape, weight_shape, groups, attrs, rank=None) -
     """Scratch values conv2d_fast (rank None, weight_shape the weight's) or basis_conv2d_fast
     (weight_shape the basis') allocate besides the output (B, N, H', W'): a padded copy of the
     input where the padding is not zeros or the conv is depthwise, and the GEMM kernels'
-    scratch (gemm.workspace)."""
+    scratch (gemm.plan_conv)."""
     B, C, H, W = x_shape
     N, ho, wo = out_shape[1], out_shape[2], out_shape[3]
     t, l, b, r = attrs["padding"]
@@ -155,9 +155,9 @@ def conv_workspace(x_shape, out_shape, weight_shape, groups, attrs, rank=None) -
         padded = 0
     else:
         H, W = H + t + b, W + l + r
-    return padded + workspace(B, C, N, weight_shape[2], weight_shape[3], ho, wo, groups, rank,
-                              attrs["stride"], H, W, attrs["dilation"][0],
-                              (0, 0, 0, 0) if padded else attrs["padding"])
+    plan = plan_conv((B, C, H, W), N, weight_shape[2], weight_shape[3], ho, wo, attrs["stride"],
+                     (0, 0, 0, 0) if padded else attrs["padding"], attrs["dilation"], groups, rank)
+    return padded + plan.workspace
 
 
 @njit(cache=True)

@@ -15,7 +15,7 @@ Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per ima
               `_conv_packed`: weights packed once (sgemm.pack_rows); the output positions cut
               into chunks sized for L2; per chunk the im2col columns are gathered KC rows at a
               time straight into the micro-kernel's panels (`_pack_cols`), or at stride 1 on
-              wide images read in place ("grid", `use_grid`); the micro-kernel writes a C chunk
+              wide images read in place ("grid", `plan_conv`); the micro-kernel writes a C chunk
               whose epilogue goes to the output. Split by chunks, or by output rows when a
               layer has fewer columns than rows (weight-bound).
   per image   (P >= PER_IMAGE_MIN) tasks are (image, band of output rows), statically spread
@@ -49,6 +49,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -362,13 +363,12 @@ def _pad_input(x, pt, pl, Hp, Wp, xpf):
 
 
 @njit(cache=True, parallel=True)
-def _conv_packed(xpf, C, Hp, Wp, delta, wp, cp, two, bias, res, has_res, act, a0, a1, sh, sw,
-                 ho, wo, grid, nch, parts, rows, out, ws):
+def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res, act, a0, a1,
+                 sh, sw, ho, wo, grid, nch, parts, out, ws):
     """Conv (two False: wp = pack_rows(weight (N, K))) or basis conv (two True:
     wp = pack_rows(basis (M, K)), cp = pack_rows(combine (N, M), k_pad=Mp)), one group, of the
-    zero-padded input xpf (B, C, Hp, Wp) flat into out (B, N, H'*W'); delta (K): each im2col
-    row's tap offset in xpf, K = C*kh*kw; Mp = M rounded up to MR; rows: p*NR for p <
-    max(KC, Mp) (a micro-panel's row offsets).
+    zero-padded input xpf (B, C, Hp, Wp) flat into out (B, N, H'*W'), K = C*kh*kw, Mp = M
+    rounded up to MR.
     Columns: gather (grid False) the B*H'*W' output positions, their B panels gathered
     (_pack_cols); in place (grid True, stride 1) per image the H' x Wp grid of window corners,
     whose B rows the micro-kernel reads straight from xpf (NR consecutive corners of a tap are
@@ -379,9 +379,13 @@ def _conv_packed(xpf, C, Hp, Wp, delta, wp, cp, two, bias, res, has_res, act, a0
     (Np*nch)."""
     N, P = out.shape[1], out.shape[2]
     B = out.shape[0]
-    K = delta.size
+    K = C * kh * kw
     R1 = wp.size // K                       # stage-1 rows: Np, or Mp for a basis conv
     Np = cp.size // R1 if two else R1       # output rows rounded up to MR
+    delta = np.empty(K, np.intp)            # im2col row (c*kh + i)*kw + j's tap offset in xpf
+    for k in range(K):
+        delta[k] = (k // (kh * kw) * Hp + k // kw % kh * dh) * Wp + k % kw * dw
+    rows = np.arange(max(KC, R1)) * NR      # a micro-panel's row offsets
     span = ho * Wp if grid else B * P       # columns per image (grid) or in all
     per = (span + nch - 1) // nch           # chunks of each
     tasks = (B if grid else 1) * per * parts
@@ -537,76 +541,65 @@ def plan_packed(B, cols, K, Np, Mp, T, grid):
     return nch, parts, per_column * nch
 
 
-def use_grid(stride, ho, wo, Wp, K) -> bool:
-    """_conv_packed reads its input in place (grid) at stride 1 when the grid of window corners,
-    H' rows of Wp (rounded up to register tiles), is at most GRID_WASTE times the H'W' outputs
-    and K is at least a block (measured, VGG-16 at batch 16: 1.27x faster than gathering at
-    32x32 with K = 576; 10% slower at 16x16, where the grid computes 12.5% more, and with K = 27)."""
-    return (tuple(stride) == (1, 1) and K >= KC
-            and -(-ho * Wp // NR) * NR <= GRID_WASTE * ho * wo)
+class ConvPlan(NamedTuple):
+    """How conv_gemm runs a conv's shapes (plan_conv)."""
+    how: str          # "packed" (_conv_packed), "image" (per image) or "batched" (whole batch)
+    kn2row: bool      # basis stage 1 by kn2row (image / batched)
+    grid: bool        # packed: the input read in place
+    split: tuple      # packed: (nch, parts); image: (bands per image,); batched: (images per group,)
+    scratch: int      # kernel scratch values per thread (packed, image) or per group (batched)
+    padded: int       # packed: values of the zero-padded input copy, margin included
+
+    @property
+    def workspace(self) -> int:
+        """Scratch values conv_gemm allocates (at most, over thread counts)."""
+        return self.scratch if self.how == "batched" else threads() * self.scratch + self.padded
 
 
-def tap_offsets(C, kh, kw, dh, dw, Hp, Wp) -> np.ndarray:
-    """(C*kh*kw) offsets in a (C, Hp, Wp) plane of im2col row (c*kh + i)*kw + j's tap."""
-    c, i, j = np.meshgrid(np.arange(C), np.arange(kh) * dh, np.arange(kw) * dw, indexing="ij")
-    return ((c * Hp + i) * Wp + j).ravel().astype(np.intp)
-
-
-def use_packed(groups, cols, kn2row, P) -> bool:
-    """The packed path (_conv_packed) for one group and at least a register tile of columns,
-    except basis convs whose stage 1 runs by kn2row per image (P >= PER_IMAGE_MIN): kn2row
-    reads each input value once where im2col gathers it kh*kw times, which with few basis
-    filters costs more than the multiply (VGG-16 BasisConv, batch 16: 1.1-1.9x faster there;
-    the packed path is 1.1x faster at 8x8 and below)."""
-    return groups == 1 and cols >= NR and not (kn2row and P >= PER_IMAGE_MIN)
-
-
-def plan_conv(B, C, N, kh, kw, ho, wo, groups, M=None, T=None, kn2row=False, H=0, W=0, dh=1,
-              Wp=0):
-    """How conv_gemm runs these shapes: ("packed", (nch, parts, grid), scratch per thread),
-    ("image", bands per image, scratch per thread) or ("batched", images per group, scratch per
-    group); M: basis rank (None for a plain conv); kn2row: basis stage 1 by kn2row on an H x W
-    input (stride 1, dilation dh); Wp: the padded input's width (packed grid mode, stride 1;
-    0: no grid)."""
-    T = T or threads()
-    if use_packed(groups, B * ho * wo, kn2row, ho * wo):
-        up = lambda v: -(-v // MR) * MR
-        grid = Wp > 0
-        nch, parts, scratch = plan_packed(B, ho * Wp if grid else B * ho * wo, C * kh * kw,
-                                          up(N), 0 if M is None else up(M), T, grid)
-        return "packed", (nch, parts, grid), scratch
-    T = T or threads()
+def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=None) -> ConvPlan:
+    """How conv_gemm runs a conv of x (B, C, H, W) into N channels of H' x W' with zero padding
+    [t, l, b, r]; M: basis rank (None for a plain conv). Measured choices (VGG-16, batch 16):
+      packed   one group, at least NR columns, except basis convs whose stage 1 runs by kn2row
+               per image (P >= PER_IMAGE_MIN): kn2row reads each input value once where im2col
+               gathers it kh*kw times, which with few basis filters costs more than the multiply
+               (kn2row 1.1-1.9x faster there; the packed path 1.1x faster at 8x8 and below).
+      grid     packed at stride 1 with K >= KC when the grid of window corners, H' rows of Wp
+               (rounded up to register tiles), is at most GRID_WASTE times the H'W' outputs
+               (1.27x faster than gathering at 32x32 with K = 576; 10% slower at 16x16, which
+               computes 12.5% more, and with K = 27).
+      image    P >= PER_IMAGE_MIN, else batched."""
+    B, C, H, W = x_shape
+    T = threads()
     P = ho * wo
     Kg = C // groups * kh * kw
+    kn2row = use_kn2row(C // groups, M, stride)
+    if groups == 1 and B * P >= NR and not (kn2row and P >= PER_IMAGE_MIN):
+        Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
+        grid = (tuple(stride) == (1, 1) and Kg >= KC
+                and -(-ho * Wp // NR) * NR <= GRID_WASTE * P)
+        up = lambda v: -(-v // MR) * MR
+        nch, parts, scratch = plan_packed(B, ho * Wp if grid else B * P, Kg, up(N),
+                                          0 if M is None else up(M), T, grid)
+        # grid: B rows are read up to NR + (kw-1)*dw < NR + Wp past the last plane
+        padded = B * C * Hp * Wp + (NR + Wp if grid else 0) if grid or any(padding) else 0
+        return ConvPlan("packed", False, grid, (nch, parts), scratch, padded)
+    dh = dilation[0]
     rows = kh * kw * M if kn2row else Kg        # scratch rows per position of stage 1
     if P >= PER_IMAGE_MIN:
         nsplit = max(1, -(-T // B) if B < T else 1, -(-rows * P // COLS_CAP))
         nsplit = min(nsplit, ho)
         band = -(-ho // nsplit)
         if kn2row:
-            return "image", nsplit, rows * min(H, band + (kh - 1) * dh) * W + M * band * wo
-        return "image", nsplit, Kg * band * wo + (0 if M is None else M * band * wo)
+            scratch = rows * min(H, band + (kh - 1) * dh) * W + M * band * wo
+        else:
+            scratch = Kg * band * wo + (0 if M is None else M * band * wo)
+        return ConvPlan("image", kn2row, False, (nsplit,), scratch, 0)
     if kn2row:
         per_image = C * H * W + groups * rows * H * W + groups * M * P + N * P
     else:
         per_image = (C * kh * kw + N + (0 if M is None else groups * M)) * P
     per = max(1, BATCH_COLS_CAP // per_image)
-    return "batched", min(B, per), min(B, per) * per_image
-
-
-def workspace(B, C, N, kh, kw, ho, wo, groups, M=None, stride=(1, 1), H=0, W=0, dh=1,
-              padding=(0, 0, 0, 0)) -> int:
-    """Scratch values conv_gemm allocates for these shapes (at most, over thread counts)."""
-    T = threads()
-    kn = use_kn2row(C // groups, M, stride)
-    Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
-    grid = use_grid(stride, ho, wo, Wp, C // groups * kh * kw)
-    how, _, scratch = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T, kn, H, W, dh,
-                                Wp if grid else 0)
-    if how == "packed":     # + the zero-padded input and its margin
-        padded = B * C * Hp * Wp + NR + Wp if any(padding) or grid else 0
-        return T * scratch + padded
-    return scratch if how == "batched" else T * scratch
+    return ConvPlan("batched", kn2row, False, (min(B, per),), min(B, per) * per_image, 0)
 
 
 def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, act=None,
@@ -639,38 +632,30 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     w1m = w1.reshape(GM, Cg * kh * kw)
     w2m = w2 if two else _NO_W2
     T = threads()
-    if use_packed(groups, B * ho * wo, use_kn2row(Cg, M, stride), ho * wo):
+    plan = plan_conv(x.shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M)
+    P = ho * wo
+    if plan.how == "packed":
         Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
-        grid = use_grid(stride, ho, wo, Wp, Cg * kh * kw)
-        how, (nch, parts, grid), scratch = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T,
-                                                     Wp=Wp if grid else 0)
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, -(-M // MR) * MR)) if two else wp
-        if any(padding) or grid:    # grid: B rows read up to NR + (kw-1)*dw < NR + Wp past the end
-            margin = NR + Wp if grid else 0
-            xpf = np.empty(B * C * Hp * Wp + margin, np.float32)       # (B, C, Hp, Wp), margin
-            xpf[xpf.size - margin:] = 0.0
+        if plan.padded:
+            xpf = np.empty(plan.padded, np.float32)       # (B, C, Hp, Wp), then the margin
+            xpf[B * C * Hp * Wp:] = 0.0
             _pad_input(x, pt, pl, Hp, Wp, xpf)
         else:
             xpf = x.ravel()
-        delta = tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
-        rows = np.arange(max(KC, -(-(M or 0) // MR) * MR)) * NR
-        ws = np.empty((T, scratch), np.float32)
-        _conv_packed(xpf, C, Hp, Wp, delta, wp, cp, two, bias, res3, has_res, code, a0, a1, sh,
-                     sw, ho, wo, grid, nch, parts, rows, out, ws)
-        return residual_then_act(out.reshape(B, N, ho, wo), None if has_res else residual,
-                                 None if done else act)
-    if use_kn2row(Cg, M, stride):
+        ws = np.empty((T, plan.scratch), np.float32)
+        _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res3, has_res, code, a0,
+                     a1, sh, sw, ho, wo, plan.grid, *plan.split, out, ws)
+    elif plan.kn2row:
         wk = kn2row_weights(w1, groups)
-        how, a, scratch = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T, True, H, W, dh)
-        if how == "image":
-            ws = np.empty((T, max(scratch, 1)), np.float32)
+        if plan.how == "image":
+            ws = np.empty((T, max(plan.scratch, 1)), np.float32)
             _kn2row_image(x, wk, w2, bias, res3, has_res, code, a0, a1, kh, kw, dh, dw, pt, pl,
-                          ho, wo, groups, a, out, ws)
+                          ho, wo, groups, plan.split[0], out, ws)
         else:
-            P = ho * wo
-            for b0 in range(0, B, a):
-                b1 = min(B, b0 + a)
+            for b0 in range(0, B, plan.split[0]):
+                b1 = min(B, b0 + plan.split[0])
                 nb = b1 - b0
                 xcols = np.empty((C, nb * H * W), np.float32)
                 Y = np.empty((groups * kh * kw * M, nb * H * W), np.float32)
@@ -680,18 +665,14 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
                                 has_res, code, a0, a1, kh, kw, dh, dw, pt, pl, ho, wo, groups,
                                 nb * H * W < Y.shape[0], nb * P < N, out[b0:b1], xcols, Y, s_buf,
                                 tmp, T)
-        return residual_then_act(out.reshape(B, N, ho, wo), None if has_res else residual,
-                             None if done else act)
-    how, a, per_thread = plan_conv(B, C, N, kh, kw, ho, wo, groups, M, T)
-    if how == "image":
+    elif plan.how == "image":
         direct = kh == kw == 1 and sh == sw == 1 and not any(padding)
-        ws = np.empty((T, max(per_thread, 1)), np.float32)
+        ws = np.empty((T, max(plan.scratch, 1)), np.float32)
         _per_image(x, w1m, w2m, two, bias, res3, has_res, code, a0, a1, kh, kw, sh, sw, dh, dw,
-                   pt, pl, ho, wo, groups, a, direct, out, ws)
+                   pt, pl, ho, wo, groups, plan.split[0], direct, out, ws)
     else:
-        P = ho * wo
-        for b0 in range(0, B, a):
-            b1 = min(B, b0 + a)
+        for b0 in range(0, B, plan.split[0]):
+            b1 = min(B, b0 + plan.split[0])
             BP = (b1 - b0) * P
             cols = np.empty((C * kh * kw, BP), np.float32)
             s_buf = np.empty((GM, BP) if two else (1, 1), np.float32)
