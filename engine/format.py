@@ -291,6 +291,13 @@ class _Reader:
         except (UnicodeDecodeError, ValueError) as e:
             raise FormatError(f"'/graph' is not valid JSON: {e}") from None
 
+    def _add_bytes(self, total: int, ds, where: str, min_rank: int, limit: str, what: str) -> int:
+        """total + the bytes of float32 dataset ds (checked); LimitError past limits.<limit>."""
+        total += 4 * self.check(ds, where, min_rank=min_rank)
+        if total > getattr(self.limits, limit):
+            raise LimitError(f"{where}: total {what} over {limit} {getattr(self.limits, limit)}")
+        return total
+
     def weight_datasets(self, graph: Graph) -> list:
         """[(node, weight name, dataset)], every claim checked; nothing read yet."""
         out, total = [], 0
@@ -299,10 +306,7 @@ class _Reader:
                 where = f"node '{n.name}' weight '{w}'"
                 ds = self.get(f"weights/{n.name}/{w}")
                 _expect(isinstance(ds, h5py.Dataset), f"{where}: dataset /weights/{n.name}/{w} missing")
-                total += 4 * self.check(ds, where, min_rank=1)
-                if total > self.limits.max_total_weight_bytes:
-                    raise LimitError(f"{where}: total weights over max_total_weight_bytes "
-                                     f"{self.limits.max_total_weight_bytes}")
+                total = self._add_bytes(total, ds, where, 1, "max_total_weight_bytes", "weights")
                 out.append((n, w, ds))
         return out
 
@@ -332,10 +336,8 @@ class _Reader:
                     where = f"reference run {i} {part[:-1]} '{name}'"
                     ds = self.get(f"references/{i}/{part}/{name}")
                     _expect(isinstance(ds, h5py.Dataset), f"{where}: missing")
-                    total += 4 * self.check(ds, where, min_rank=0)
-                    if total > self.limits.max_reference_bytes:
-                        raise LimitError(f"{where}: total references over max_reference_bytes "
-                                         f"{self.limits.max_reference_bytes}")
+                    total = self._add_bytes(total, ds, where, 0, "max_reference_bytes",
+                                            "references")
                     run[part == "nodes"][name] = ds
             runs.append(run)
         return refs, runs
