@@ -56,8 +56,14 @@ CASES = [
     (1, 12, 6, 30, 31, 3, 2, (1, 1), (2, 1, 0, 1), (2, 2), 2),
     (2, 32, 40, 30, 30, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # packed grid, K > KC
     (1, 32, 13, 60, 60, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1),   # packed grid, dilated, 1 image
-    (2, 40, 64, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # packed, rows split over threads
+    (2, 40, 64, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # direct, weight-bound
     (3, 30, 50, 13, 17, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),   # packed gather, strided
+    (1, 64, 64, 12, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # direct, wide tiles
+    (1, 64, 64, 32, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # direct, bands of an image
+    (2, 64, 32, 8, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),     # direct, x read in place
+    (1, 64, 96, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # direct, panels split
+    (2, 24, 64, 16, 15, 3, 3, (2, 2), (1, 0, 1, 2), (1, 1), 1),   # direct, stride phases
+    (2, 16, 64, 15, 16, 3, 3, (1, 1), (2, 1, 2, 1), (2, 1), 1),   # direct, dilated
 ]
 
 
@@ -79,7 +85,7 @@ def test_conv_gemm_matches_reference(case):
 @pytest.mark.parametrize("case", CASES)
 def test_basis_conv_matches_reference(case):
     B, C, N, H, W, kh, kw, stride, pad, dil, g = case
-    for M in sorted({1, max(1, C // g // 3), C // g + 1}):     # kn2row (M < C/G) and im2col
+    for M in basis_ranks(C, g):
         x, basis, comb = rand(B, C, H, W), rand(g * M, C // g, kh, kw, seed=1), rand(N, M, seed=2)
         b = rand(N, seed=3)
         want = OPS["basis_conv2d"].reference(basis_node(basis, comb, b, stride, pad, dil, g), x)
@@ -90,15 +96,31 @@ def test_basis_conv_matches_reference(case):
               OPS["basis_conv2d"].reference(basis_node(basis, comb, None, stride, pad, dil, g), x))
 
 
-def test_cases_cover_the_packed_modes():
-    """The CASES above reach each conv path (so the tests cannot drift off one)."""
+def basis_ranks(C, g):
+    """The basis ranks the basis test tries: kn2row (M < C/G) and im2col."""
+    return sorted({1, max(1, C // g // 3), C // g + 1})
+
+
+def test_cases_cover_every_conv_path():
+    """The CASES above, as convs and as basis convs, reach each conv path and mode (so the
+    tests cannot drift off one)."""
     seen = set()
     for B, C, N, H, W, kh, kw, stride, pad, dil, g in CASES:
         ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
-        plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g)
-        seen.add(plan.how if plan.how != "packed"
-                 else ("grid" if plan.grid else "gather", plan.split[1] > 1))
-    assert {"image", "batched", ("grid", False), ("gather", False), ("gather", True)} <= seen
+        for M in [None] + basis_ranks(C, g):
+            plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g, M)
+            if plan.how == "direct":
+                narrow, per_block, parts, copy = plan.split
+                seen |= {("direct", ("wide", "narrow")[narrow]), ("direct", "parts", parts > 1),
+                         ("direct", "copy", copy), ("direct", "bands", per_block < ho),
+                         ("direct", "stride", stride != (1, 1))}
+            elif plan.how == "packed":
+                seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
+            else:
+                seen.add(plan.how)
+    assert {"image", "batched", ("grid", False), ("gather", False), ("gather", True),
+            ("direct", "wide"), ("direct", "narrow"), ("direct", "parts", True),
+            ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True)} <= seen
 
 
 @pytest.mark.parametrize("m,n,k,tb", [(1, 1, 1, False), (12, 32, 256, False), (13, 33, 257, True),

@@ -57,13 +57,18 @@ from numba import njit, prange, types
 from numba.np.linalg import ensure_blas
 
 from .activation import residual_then_act
-from .sgemm import KC, MR, NR, _micro, pack_rows, sgemm
+from .sgemm import (DIRECT_TILES, KC, MR, NR, _direct_narrow, _direct_wide, _micro,
+                    pack_cols, pack_rows, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
 BATCH_COLS_CAP = 1 << 22     # values of the batched column matrix (16 MB): larger batches go in groups
 PACKED_CHUNK_VALUES = 1 << 17  # values of one packed task's scratch (512 KB: L2)
 GRID_WASTE = 1.1             # most columns computed per output for the packed path's grid mode
+DIRECT_WASTE = 1.25          # most outputs computed per output for the direct conv
+DIRECT_NARROW_COST = 1.03    # narrow tile's time per position against the wide one's
+DIRECT_MIN_K = 64            # fewest im2col rows (C*kh*kw) for the direct conv
+DIRECT_BLOCK_VALUES = 1 << 16  # input values a direct conv block reads (256 KB: in L2)
 ACT_CODES = {"relu": 1, "clip": 2, "leaky_relu": 3}
 
 
@@ -347,19 +352,47 @@ def _pack_cols(xpf, colbase, delta, k0, kc, tiles, bp):
                 d[l] = xpf[np.uintp(cb[l] + dl)]
 
 
+@njit(cache=True)
+def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst):
+    """Rows [u0, u0 + Hb) of the zero-padded input's planes t = b*C + c in [t0, t1), split
+    into their sh*sw stride phases of Wq columns: dst[((((t - t0)*sh + i)*sw + j)*Hb + u - u0)*Wq
+    + v] = x[b, c, u*sh + i - pt, v*sw + j - pl], 0 outside x. Split, an output row's window
+    corners at stride s are adjacent values (the direct conv reads them in place); with stride
+    1 just the padded input."""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    xf = x.ravel()
+    for t in range(t0, t1):
+        for i in range(sh):
+            for j in range(sw):
+                o = (((t - t0) * sh + i) * sw + j) * Hb * Wq
+                v0 = min(Wq, max(0, -((j - pl) // sw)))   # columns v: 0 <= v*sw + j - pl < W
+                v1 = max(v0, min(Wq, (W - 1 + pl - j) // sw + 1))
+                for u in range(u0, u0 + Hb):
+                    y = u * sh + i - pt
+                    d = o + (u - u0) * Wq
+                    if 0 <= y < H:
+                        s = (t * H + y) * W + j - pl
+                        for v in range(v0):
+                            dst[d + v] = 0.0
+                        if sw == 1:                         # (vectorizes)
+                            for v in range(v0, v1):
+                                dst[d + v] = xf[s + v]
+                        else:
+                            for v in range(v0, v1):
+                                dst[d + v] = xf[s + v * sw]
+                        for v in range(v1, Wq):
+                            dst[d + v] = 0.0
+                    else:
+                        for v in range(Wq):
+                            dst[d + v] = 0.0
+
+
 @njit(cache=True, parallel=True)
-def _pad_input(x, pt, pl, Hp, Wp, xpf):
-    """xpf[((b*C + c)*Hp + y)*Wp + z] = x[b, c, y - pt, z - pl], 0 outside x (zero padding)."""
-    B, C, H, W = x.shape
+def _pad_input(x, pt, pl, Hp, Wp, xq):
+    """xq (B, C, Hp, Wp) flat = x zero-padded (_pad_planes at stride 1), planes in parallel."""
+    B, C = x.shape[0], x.shape[1]
     for t in prange(B * C):
-        o = t * Hp * Wp
-        xpf[o:o + Hp * Wp] = 0.0
-        src = x[t // C, t % C]
-        for y in range(H):
-            d = xpf[o + (y + pt) * Wp + pl:o + (y + pt) * Wp + pl + W]
-            s = src[y]
-            for z in range(W):
-                d[z] = s[z]
+        _pad_planes(x, t, t + 1, 0, Hp, pt, pl, 1, 1, Wp, xq[t * Hp * Wp:(t + 1) * Hp * Wp])
 
 
 @njit(cache=True, parallel=True)
@@ -455,6 +488,95 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
                     q += m
 
 
+# The direct conv: the output in register tiles of NY rows x TX adjacent columns x NR channels,
+# each accumulated over all of K at once from the input read in place (no im2col) and the
+# weights packed as NR-wide panels (sgemm.pack_cols), written channel-major into a stage of NR
+# channels x NY rows x the output width, whose rows get the epilogue on their way out. Work is
+# cut into blocks of output rows (whole images, or a band of one image) whose zero-padded input
+# each task copies into its own scratch first, so that it is read from cache, written and read
+# by one thread (data another core wrote or is reading costs far more to touch here).
+
+
+@njit(cache=True, parallel=True)
+def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, bias, res, has_res, act, a0, a1,
+                 ho, wo, narrow, per_block, parts, copy, out, ws):
+    """Conv of one group of x (B, C, H, W), zero padding top pt and left pl to planes of
+    Hq x Wq per stride phase, wt = pack_cols(weight (N, K)), K = C*kh*kw, into out
+    (B, N, H'*W'). Tiles: DIRECT_TILES[narrow]. Work units: a block of output rows (per_block
+    rows: whole images when >= H', else a band of one image) by one of `parts` ranges of the
+    NR-channel panels (parts > 1 only when there are fewer blocks than threads), dealt to the
+    threads in contiguous runs of blocks, so that a thread reads the images that it wrote in
+    the layer before. A unit copies its block's input rows (_pad_planes) into its thread's
+    scratch, or reads x itself (copy False: stride 1, unpadded, W' a multiple of TX).
+    ws: a row per thread, the stage (NR, NY, ld), ld = W' rounded up to TX, then the block's
+    input and a zero margin."""
+    B, C = x.shape[0], x.shape[1]
+    N, P = out.shape[1], out.shape[2]
+    NY, TX = DIRECT_TILES[1] if narrow else DIRECT_TILES[0]
+    K = C * kh * kw
+    ld = -(-wo // TX) * TX
+    rows = B * ho
+    halo = (kh - 1) * dh // sh          # phase-plane rows a window reaches below its corner
+    bands = -(-ho // per_block)         # blocks per image, when bands
+    blocks = -(-rows // per_block) if per_block >= ho else B * bands
+    panels = -(-N // NR)
+    units = blocks * parts
+    T = ws.shape[0]
+    xf = x.ravel()
+    of = out.ravel()
+    rf = res.ravel()
+    for t in prange(T):
+        stage = ws[t, :NR * NY * ld]
+        xb = ws[t, NR * NY * ld:] if copy else xf
+        roff = np.empty(NY, np.intp)     # the tile rows' window corners (rows past the last repeat it)
+        koff = np.empty(K, np.intp)      # tap (c, i, j)'s offset from a window corner
+        for unit in range(t * units // T, (t + 1) * units // T):
+            blk = unit // parts
+            part = unit % parts
+            if per_block >= ho:
+                r0 = blk * per_block
+                r1 = min(rows, r0 + per_block)
+                u0, Hb = 0, Hq
+            else:
+                r0 = blk // bands * ho + blk % bands * per_block
+                r1 = min(r0 - r0 % ho + ho, r0 + per_block)
+                u0 = r0 % ho
+                Hb = min(Hq - u0, r1 - r0 + halo)
+            b0 = r0 // ho
+            if copy:
+                b1 = (r1 - 1) // ho + 1
+                _pad_planes(x, b0 * C, b1 * C, u0, Hb, pt, pl, sh, sw, Wq, xb)
+                end = (b1 - b0) * C * sh * sw * Hb * Wq
+                xb[end:end + TX + Wq] = 0.0  # the last tile's spare columns read past the end
+            else:
+                u0, Hb, b0 = 0, Hq, 0
+            for k in range(K):
+                i = k // kw % kh * dh
+                j = k % kw * dw
+                koff[k] = (((k // (kh * kw) * sh + i % sh) * sw + j % sw) * Hb + i // sh) * Wq + j // sw
+            for panel in range(part * panels // parts, (part + 1) * panels // parts):
+                for r in range(r0, r1, NY):
+                    for y in range(NY):
+                        q = min(r + y, r1 - 1)
+                        roff[y] = ((q // ho - b0) * C * sh * sw * Hb + q % ho - u0) * Wq
+                    for x0 in range(0, ld, TX):
+                        if narrow:
+                            _direct_narrow(K, xb, x0, koff, roff, wt, panel * K * NR, stage, x0, ld)
+                        else:
+                            _direct_wide(K, xb, x0, koff, roff, wt, panel * K * NR, stage, x0, ld)
+                    ny = min(NY, r1 - r)
+                    for j in range(min(NR, N - panel * NR)):
+                        n = panel * NR + j
+                        y = 0
+                        while y < ny:    # runs of rows of one image, adjacent in out when ld == W'
+                            q = r + y
+                            run = min(ny - y, ho - q % ho) if ld == wo else 1
+                            o = (q // ho * N + n) * P + q % ho * wo
+                            _finish(of, o, stage, (j * NY + y) * ld, run * wo, bias[n], rf, o,
+                                    has_res, act, a0, a1)
+                            y += run
+
+
 # --- Python side --------------------------------------------------------------------------------
 
 _NO_RES = np.zeros((1, 1, 1), np.float32)
@@ -541,13 +663,62 @@ def plan_packed(B, cols, K, Np, Mp, T, grid):
     return nch, parts, per_column * nch
 
 
+def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, T):
+    """(narrow, rows per block, panel parts, stage values per thread, outputs computed per
+    output: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
+    planes of one stride phase.
+    Blocks: a thread's share of the images when the layer has more weights than input values
+    (weight-bound: late layers; its thread then streams the weights once); else whole images,
+    as many as fit DIRECT_BLOCK_VALUES, or else bands of one image that do; as many blocks as a
+    multiple of T where that splits evenly, and the panels split too when there are fewer
+    blocks than threads (batch 1). Measured in VGG-16 at batch 16: splitting by channels
+    instead (each thread all of the input, half of the weights) was 10-20% slower, the input
+    then crossing between the cores.
+    Tile: the shape computing fewest positions (a block's last tile repeats rows), the narrow
+    one's (fewer FMAs per load) counted DIRECT_NARROW_COST times (measured 1-3% slower per
+    position)."""
+    image = C * sh * sw * Hq * Wq               # values of one image's padded input
+    best = None
+    for narrow, (NY, TX) in enumerate(DIRECT_TILES):
+        if K * N > B * image or image <= DIRECT_BLOCK_VALUES:
+            per = -(-B // T) if K * N > B * image else max(1, DIRECT_BLOCK_VALUES // image)
+            per = next((p for p in range(per, 0, -1) if B % p == 0 and B // p % T == 0), per)
+            per_block, blocks = per * ho, -(-B // per)
+            sizes = [per * ho] * (B // per) + ([B % per * ho] if B % per else [])
+        else:
+            band = DIRECT_BLOCK_VALUES // (C * sh * sw * Wq) - (kh - 1) * dh // sh
+            band = max(NY, band // NY * NY)
+            per_block = -(-ho // (-(-ho // band) * NY)) * NY     # even bands of whole tiles
+            blocks = B * -(-ho // per_block)
+            sizes = [per_block] * (ho // per_block) + ([ho % per_block] if ho % per_block else [])
+            sizes = sizes * B
+        computed = sum(-(-r // NY) * NY for r in sizes) * -(-wo // TX) * TX * -(-N // NR) * NR
+        cost = computed * (DIRECT_NARROW_COST if narrow else 1.0)
+        if best is None or cost < best[0]:
+            best = (cost, (narrow, per_block, min(-(-N // NR), -(-T // blocks)),
+                           NR * NY * -(-wo // TX) * TX, computed / (B * ho * wo * N)))
+    return best[1]
+
+
+def direct_block_values(narrow, per_block, B, C, ho, kh, dh, sh, sw, Hq, Wq):
+    """Values of the largest block input a _conv_direct task copies, margin included."""
+    if per_block >= ho:
+        rows_in = min(B, per_block // ho) * Hq
+    else:
+        rows_in = min(Hq, per_block + (kh - 1) * dh // sh)
+    return C * sh * sw * rows_in * Wq + DIRECT_TILES[narrow][1] + Wq
+
+
 class ConvPlan(NamedTuple):
     """How conv_gemm runs a conv's shapes (plan_conv)."""
-    how: str          # "packed" (_conv_packed), "image" (per image) or "batched" (whole batch)
+    how: str          # "direct" (_conv_direct), "packed" (_conv_packed), "image" (per image)
+                      # or "batched" (whole batch)
     kn2row: bool      # basis stage 1 by kn2row (image / batched)
     grid: bool        # packed: the input read in place
-    split: tuple      # packed: (nch, parts); image: (bands per image,); batched: (images per group,)
-    scratch: int      # kernel scratch values per thread (packed, image) or per group (batched)
+    split: tuple      # direct: (narrow, rows per block, parts, copy);
+                      # packed: (nch, parts); image: (bands per image,);
+                      # batched: (images per group,)
+    scratch: int      # kernel scratch values per thread (direct, packed, image) or per group
     padded: int       # packed: values of the zero-padded input copy, margin included
 
     @property
@@ -559,6 +730,10 @@ class ConvPlan(NamedTuple):
 def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=None) -> ConvPlan:
     """How conv_gemm runs a conv of x (B, C, H, W) into N channels of H' x W' with zero padding
     [t, l, b, r]; M: basis rank (None for a plain conv). Measured choices (VGG-16, batch 16):
+      direct   plain convs of one group with K >= DIRECT_MIN_K whose tiles compute at most
+               DIRECT_WASTE times the outputs: 480-500 GFLOP/s on VGG's 3x3 layers at 2x2 to
+               32x32 alone, where the packed path ran at 330-410 (no gather, no row-panel waste,
+               the epilogue on stage rows in cache).
       packed   one group, at least NR columns, except basis convs whose stage 1 runs by kn2row
                per image (P >= PER_IMAGE_MIN): kn2row reads each input value once where im2col
                gathers it kh*kw times, which with few basis filters costs more than the multiply
@@ -573,8 +748,18 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
     P = ho * wo
     Kg = C // groups * kh * kw
     kn2row = use_kn2row(C // groups, M, stride)
+    Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
+    if groups == 1 and M is None and Kg >= DIRECT_MIN_K:
+        sh, sw = stride
+        dh = dilation[0]
+        Hq, Wq = -(-Hp // sh), -(-Wp // sw)
+        *split, scratch, waste = plan_direct(B, C, ho, wo, N, Kg, kh, dh, sh, sw, Hq, Wq, T)
+        if waste <= DIRECT_WASTE:
+            copy = bool(any(padding) or (sh, sw) != (1, 1) or wo % DIRECT_TILES[split[0]][1])
+            if copy:
+                scratch += direct_block_values(*split[:2], B, C, ho, kh, dh, sh, sw, Hq, Wq)
+            return ConvPlan("direct", False, False, (*split, copy), scratch, 0)
     if groups == 1 and B * P >= NR and not (kn2row and P >= PER_IMAGE_MIN):
-        Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
         grid = (tuple(stride) == (1, 1) and Kg >= KC
                 and -(-ho * Wp // NR) * NR <= GRID_WASTE * P)
         up = lambda v: -(-v // MR) * MR
@@ -634,7 +819,13 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     T = threads()
     plan = plan_conv(x.shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M)
     P = ho * wo
-    if plan.how == "packed":
+    if plan.how == "direct":
+        Hq, Wq = -(-(H + padding[0] + padding[2]) // sh), -(-(W + padding[1] + padding[3]) // sw)
+        wt = _DERIVED.get(w1, "direct", lambda: pack_cols(w1m))
+        ws = np.empty((T, plan.scratch), np.float32)
+        _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, bias, res3, has_res, code, a0,
+                     a1, ho, wo, *plan.split, out, ws)
+    elif plan.how == "packed":
         Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, -(-M // MR) * MR)) if two else wp

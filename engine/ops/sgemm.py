@@ -44,67 +44,91 @@ MR = 12 if VW == 16 else 6      # register tile rows: 2*MR accumulators (32 / 16
 KC = 256                        # rows of B per packed block: one B micro-panel (KC, NR) in L1
 MC = 120                        # rows of A per packed block (MC, KC) in L2
 NC = 2048                       # columns of B per packed block
+PREFETCH_ROWS = 32              # direct conv: weight rows prefetched ahead
+
+
+def _tile_loop(context, builder, k, n, lanes, rows):
+    """Emits the register tile's loop and returns its accumulators after it:
+    acc[2*i + v] = sum_{p < k} lanes(p)[i] * rows(p)[v] for i < n, v < 2, one fused
+    multiply-add per (i, v, p) with the scalar broadcast, 2n vector accumulators in registers.
+    lanes(p): the tile's n scalars of step p; rows(p): its two vectors."""
+    intp = context.get_value_type(types.intp)
+    vec = ir.VectorType(ir.FloatType(), VW)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
+                                         f"llvm.fma.v{VW}f32")
+    entry = builder.block
+    head = builder.append_basic_block("tile.head")
+    body = builder.append_basic_block("tile.body")
+    tail = builder.append_basic_block("tile.tail")
+    builder.branch(head)
+    builder.position_at_end(head)
+    p = builder.phi(intp)
+    p.add_incoming(ir.Constant(intp, 0), entry)
+    acc = []
+    for _ in range(2 * n):
+        phi = builder.phi(vec)
+        phi.add_incoming(ir.Constant(vec, None), entry)
+        acc.append(phi)
+    builder.cbranch(builder.icmp_signed("<", p, k), body, tail)
+
+    builder.position_at_end(body)
+    bv = rows(p)
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), VW), [0] * VW)
+    undef = ir.Constant(vec, ir.Undefined)
+    new = []
+    for i, s in enumerate(lanes(p)):
+        splat = builder.shuffle_vector(
+            builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, zeros)
+        new += [builder.call(fma, [splat, bv[v], acc[2 * i + v]]) for v in range(2)]
+    p.add_incoming(builder.add(p, ir.Constant(intp, 1)), body)
+    for phi, value in zip(acc, new):
+        phi.add_incoming(value, body)
+    builder.branch(head)
+    builder.position_at_end(tail)
+    return acc
+
+
+def _codegen_helpers(context, builder):
+    """(ptr(array type, array, offset) -> element pointer, const(int) -> intp constant,
+    vec_at(pointer) -> the VW-vector there)."""
+    intp = context.get_value_type(types.intp)
+    vec = ir.VectorType(ir.FloatType(), VW)
+
+    def ptr(arr_t, arr, off):
+        return builder.gep(context.make_array(arr_t)(context, builder, arr).data, [off])
+
+    def const(v):
+        return ir.Constant(intp, v)
+
+    def vec_at(pointer):
+        return builder.load(builder.bitcast(pointer, vec.as_pointer()), align=4)
+    return ptr, const, vec_at
 
 
 @intrinsic
 def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t, add_t):
     """c[oc + i*ldc + j] (+= when add) sum_p a[oa + p*MR + i] * b[ob + boff[obf + p] + j] for
-    i < MR, j < NR, p < k: the register tile, 2*MR vector accumulators, one FMA per (i, vector,
-    p). B's rows are NR contiguous values anywhere in b (boff: p*NR for a packed micro-panel,
-    the taps' offsets when the conv reads its input in place)."""
+    i < MR, j < NR, p < k: the GEMM's register tile. B's rows are NR contiguous values anywhere
+    in b (boff: p*NR for a packed micro-panel, the taps' offsets when the conv reads its input
+    in place)."""
     sig = types.void(types.intp, a_t, types.intp, b_t, types.intp, boff_t, types.intp, c_t,
                      types.intp, types.intp, types.boolean)
 
     def codegen(context, builder, signature, args):
         k, a, oa, b, ob, boff, obf, c, oc, ldc, add = args
-        intp = context.get_value_type(types.intp)
-        vec = ir.VectorType(ir.FloatType(), VW)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
-                                             f"llvm.fma.v{VW}f32")
+        ptr, const, vec_at = _codegen_helpers(context, builder)
+        ap, bp, cp, op = ptr(a_t, a, oa), ptr(b_t, b, ob), ptr(c_t, c, oc), ptr(boff_t, boff, obf)
 
-        def ptr(arr_t, arr, off):
-            return builder.gep(context.make_array(arr_t)(context, builder, arr).data, [off])
+        def lanes(p):
+            return [builder.load(builder.gep(ap, [builder.add(builder.mul(p, const(MR)),
+                                                              const(i))])) for i in range(MR)]
 
-        def const(v):
-            return ir.Constant(intp, v)
-
-        ap, bp, cp = ptr(a_t, a, oa), ptr(b_t, b, ob), ptr(c_t, c, oc)
-        op = ptr(boff_t, boff, obf)
-        entry = builder.block
-        head = builder.append_basic_block("micro.head")
-        body = builder.append_basic_block("micro.body")
-        tail = builder.append_basic_block("micro.tail")
-        builder.branch(head)
-        builder.position_at_end(head)
-        p = builder.phi(intp)
-        p.add_incoming(const(0), entry)
-        acc = []
-        for _ in range(2 * MR):
-            phi = builder.phi(vec)
-            phi.add_incoming(ir.Constant(vec, None), entry)
-            acc.append(phi)
-        builder.cbranch(builder.icmp_signed("<", p, k), body, tail)
-
-        builder.position_at_end(body)
-        row = builder.gep(bp, [builder.load(builder.gep(op, [p]))])
-        bv = [builder.load(builder.bitcast(builder.gep(row, [const(v * VW)]), vec.as_pointer()),
-                           align=4) for v in range(2)]
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), VW), [0] * VW)
-        undef = ir.Constant(vec, ir.Undefined)
-        new = []
-        for i in range(MR):
-            s = builder.load(builder.gep(ap, [builder.add(builder.mul(p, const(MR)), const(i))]))
-            splat = builder.shuffle_vector(
-                builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, zeros)
-            new += [builder.call(fma, [splat, bv[v], acc[2 * i + v]]) for v in range(2)]
-        p.add_incoming(builder.add(p, const(1)), body)
-        for phi, value in zip(acc, new):
-            phi.add_incoming(value, body)
-        builder.branch(head)
-
-        builder.position_at_end(tail)
+        def rows(p):
+            row = builder.gep(bp, [builder.load(builder.gep(op, [p]))])
+            return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
+        acc = _tile_loop(context, builder, k, MR, lanes, rows)
         dst = [builder.bitcast(builder.gep(cp, [builder.add(builder.mul(const(i), ldc),
-                                                            const(v * VW))]), vec.as_pointer())
+                                                            const(v * VW))]), acc[0].type.as_pointer())
                for i in range(MR) for v in range(2)]
         with builder.if_else(add) as (then, otherwise):
             with then:
@@ -116,6 +140,89 @@ def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _transposed(builder, vecs):
+    """The TX = len(vecs) (4 or 2) vectors of VW channels (one per output column), regrouped by
+    channel: a list over channels j < VW of channel j's TX values (TX-vectors). Shuffles within
+    128-bit lanes (unpack, then pairs of halves), as a 4x4 transpose is done by hand."""
+    i32 = ir.IntType(32)
+
+    def shuffle(a, b, mask):
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, len(mask)), mask))
+
+    def per_lane(pattern):      # a 4-index pattern repeated in every 128-bit lane; 4.. is b
+        return [4 * L + (q if q < 4 else VW + q - 4) for L in range(VW // 4) for q in pattern]
+    lo, hi = per_lane([0, 4, 1, 5]), per_lane([2, 6, 3, 7])
+    if len(vecs) == 2:
+        pairs = [shuffle(vecs[0], vecs[1], lo), shuffle(vecs[0], vecs[1], hi)]
+        # pairs[h] lane L: channels 4L + 2h, 4L + 2h + 1, each (x0, x1)
+        return [shuffle(pairs[j % 4 // 2], pairs[j % 4 // 2], [j // 4 * 4 + j % 2 * 2,
+                                                               j // 4 * 4 + j % 2 * 2 + 1])
+                for j in range(VW)]
+    a0, a1, a2, a3 = vecs
+    t0, t1, t2, t3 = shuffle(a0, a1, lo), shuffle(a0, a1, hi), shuffle(a2, a3, lo), shuffle(a2, a3, hi)
+    first, second = per_lane([0, 1, 4, 5]), per_lane([2, 3, 6, 7])
+    quads = [shuffle(t0, t2, first), shuffle(t0, t2, second), shuffle(t1, t3, first),
+             shuffle(t1, t3, second)]
+    # quads[q] lane L: channel 4L + q's (x0, x1, x2, x3)
+    return [shuffle(quads[j % 4], quads[j % 4], [j // 4 * 4 + u for u in range(4)])
+            for j in range(VW)]
+
+
+def _direct_micro(NY, TX):
+    """The direct conv's register tile of NY output rows x TX adjacent output columns by NR
+    output channels (NY*TX = MR positions at TX = 4 with AVX-512) as an intrinsic:
+    c[oc + (j*NY + y)*ldc + x] = sum_p x[ox + koff[p] + roff[y] + x] * w[ow + p*NR + j] for
+    y < NY, x < TX, j < NR, p < k: the input read in place (roff: each row's window corner,
+    koff: each tap's offset), weights from an NR-wide panel, and the tile written channel-major
+    (TX adjacent values per channel and row), as the output is laid out."""
+    @intrinsic
+    def micro(typingctx, k_t, x_t, ox_t, koff_t, roff_t, w_t, ow_t, c_t, oc_t, ldc_t):
+        sig = types.void(types.intp, x_t, types.intp, koff_t, roff_t, w_t, types.intp, c_t,
+                         types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            k, x, ox, koff, roff, w, ow, c, oc, ldc = args
+            ptr, const, vec_at = _codegen_helpers(context, builder)
+            xp, wp, cp = ptr(x_t, x, ox), ptr(w_t, w, ow), ptr(c_t, c, oc)
+            kp, rp = ptr(koff_t, koff, const(0)), ptr(roff_t, roff, const(0))
+            corners = [builder.load(builder.gep(rp, [const(y)])) for y in range(NY)]
+
+            def lanes(p):
+                tap = builder.gep(xp, [builder.load(builder.gep(kp, [p]))])
+                rows_ = [builder.gep(tap, [corner]) for corner in corners]
+                return [builder.load(builder.gep(r, [const(u)])) for r in rows_ for u in range(TX)]
+
+            i32 = ir.IntType(32)
+            i8p = ir.IntType(8).as_pointer()
+            prefetch = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                "llvm.prefetch.p0")
+
+            def rows(p):
+                row = builder.gep(wp, [builder.mul(p, const(NR))])
+                for line in range(0, NR, 16):      # the panel streams from memory: ask ahead
+                    ahead = builder.gep(row, [const(PREFETCH_ROWS * NR + line)])
+                    builder.call(prefetch, [builder.bitcast(ahead, i8p), ir.Constant(i32, 0),
+                                            ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
+            acc = _tile_loop(context, builder, k, NY * TX, lanes, rows)
+            for y in range(NY):
+                for v in range(2):
+                    groups = _transposed(builder, [acc[2 * (y * TX + u) + v] for u in range(TX)])
+                    for j, g in enumerate(groups):
+                        d = builder.gep(cp, [builder.mul(const((v * VW + j) * NY + y), ldc)])
+                        builder.store(g, builder.bitcast(d, g.type.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+    return micro
+
+
+DIRECT_TILES = ((MR // 4, 4), (MR // 3, 2))     # (rows, columns) of the direct conv's tiles
+_direct_wide = _direct_micro(*DIRECT_TILES[0])
+_direct_narrow = _direct_micro(*DIRECT_TILES[1])
 
 
 @njit(cache=True)
@@ -217,3 +324,13 @@ def pack_rows(w: np.ndarray, k_pad: int = 0) -> np.ndarray:
     out = np.zeros((panels * MR, K), np.float32)
     out[:m, :k] = w
     return np.ascontiguousarray(out.reshape(panels, MR, K).transpose(0, 2, 1)).ravel()
+
+
+def pack_cols(w: np.ndarray) -> np.ndarray:
+    """w (n, k) as NR-wide panels of its transpose over all of k, the direct conv's weights:
+    (ceil(n/NR) * k * NR) with [(t*k + p)*NR + j] = w[t*NR + j, p], zero past row n."""
+    n, k = w.shape
+    panels = -(-n // NR)
+    out = np.zeros((panels * NR, k), np.float32)
+    out[:n] = w
+    return np.ascontiguousarray(out.reshape(panels, NR, k).transpose(0, 2, 1)).ravel()
