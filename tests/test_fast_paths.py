@@ -59,7 +59,7 @@ CASES = [
     (2, 40, 64, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # direct, weight-bound
     (3, 30, 50, 13, 17, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),   # packed gather, strided
     (1, 64, 64, 12, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # direct, wide tiles
-    (1, 64, 64, 32, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # direct, bands of an image
+    (1, 128, 64, 32, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),  # direct, bands of an image
     (2, 64, 32, 8, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),     # direct, x read in place
     (1, 64, 96, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # direct, panels split
     (2, 24, 64, 16, 15, 3, 3, (2, 2), (1, 0, 1, 2), (1, 1), 1),   # direct, stride phases
@@ -113,14 +113,15 @@ def test_cases_cover_every_conv_path():
                 narrow, per_block, parts, copy = plan.split
                 seen |= {("direct", ("wide", "narrow")[narrow]), ("direct", "parts", parts > 1),
                          ("direct", "copy", copy), ("direct", "bands", per_block < ho),
-                         ("direct", "stride", stride != (1, 1))}
+                         ("direct", "stride", stride != (1, 1)), ("direct", "basis", bool(M))}
             elif plan.how == "packed":
                 seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
             else:
                 seen.add(plan.how)
     assert {"image", "batched", ("grid", False), ("gather", False), ("gather", True),
             ("direct", "wide"), ("direct", "narrow"), ("direct", "parts", True),
-            ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True)} <= seen
+            ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True),
+            ("direct", "basis", True)} <= seen
 
 
 @pytest.mark.parametrize("m,n,k,tb", [(1, 1, 1, False), (12, 32, 256, False), (13, 33, 257, True),

@@ -68,7 +68,7 @@ GRID_WASTE = 1.1             # most columns computed per output for the packed p
 DIRECT_WASTE = 1.25          # most outputs computed per output for the direct conv
 DIRECT_NARROW_COST = 1.03    # narrow tile's time per position against the wide one's
 DIRECT_MIN_K = 64            # fewest im2col rows (C*kh*kw) for the direct conv
-DIRECT_BLOCK_VALUES = 1 << 16  # input values a direct conv block reads (256 KB: in L2)
+DIRECT_BLOCK_VALUES = 1 << 17  # input values a direct conv block reads (512 KB: half of L2)
 ACT_CODES = {"relu": 1, "clip": 2, "leaky_relu": 3}
 
 
@@ -497,24 +497,41 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
 # by one thread (data another core wrote or is reading costs far more to touch here).
 
 
+@njit(cache=True)
+def _direct_row(narrow, k, src, koff, roff, w, ow, c, oc, ldj, ldc, ld):
+    """A row of register tiles across ld output columns: c[oc + j*ldj + y*ldc + x] = sum_p
+    src[koff[p] + roff[y] + x] * w[ow + p*NR + j] (the direct micro-kernel every TX columns)."""
+    for x0 in range(0, ld, DIRECT_TILES[narrow][1]):
+        if narrow:
+            _direct_narrow(k, src, x0, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+        else:
+            _direct_wide(k, src, x0, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+
+
 @njit(cache=True, parallel=True)
-def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, bias, res, has_res, act, a0, a1,
-                 ho, wo, narrow, per_block, parts, copy, out, ws):
-    """Conv of one group of x (B, C, H, W), zero padding top pt and left pl to planes of
-    Hq x Wq per stride phase, wt = pack_cols(weight (N, K)), K = C*kh*kw, into out
-    (B, N, H'*W'). Tiles: DIRECT_TILES[narrow]. Work units: a block of output rows (per_block
-    rows: whole images when >= H', else a band of one image) by one of `parts` ranges of the
-    NR-channel panels (parts > 1 only when there are fewer blocks than threads), dealt to the
-    threads in contiguous runs of blocks, so that a thread reads the images that it wrote in
-    the layer before. A unit copies its block's input rows (_pad_planes) into its thread's
-    scratch, or reads x itself (copy False: stride 1, unpadded, W' a multiple of TX).
-    ws: a row per thread, the stage (NR, NY, ld), ld = W' rounded up to TX, then the block's
-    input and a zero margin."""
+def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res, has_res, act,
+                 a0, a1, ho, wo, narrow, per_block, parts, copy, out, ws):
+    """Conv (two False: wt = pack_cols(weight (N, K))) or basis conv (two True: wt =
+    pack_cols(basis (M, K)), ct = pack_cols(combine (N, M))) of one group of x (B, C, H, W),
+    K = C*kh*kw, zero padding top pt and left pl to planes of Hq x Wq per stride phase, into
+    out (B, N, H'*W'). Tiles: DIRECT_TILES[narrow]. Work units: a block of output rows
+    (per_block rows: whole images when >= H', else a band of one image) by one of `parts`
+    ranges of the NR-channel output panels (parts > 1 only when there are fewer blocks than
+    threads), dealt to the threads in contiguous runs of blocks, so that a thread reads the
+    images that it wrote in the layer before. A unit copies its block's input rows
+    (_pad_planes) into its thread's scratch, or reads x itself (copy False: stride 1, unpadded,
+    W' a multiple of TX). A basis conv first writes the block's basis responses (Mp, RB, ld),
+    then combines them by the same micro-kernel (a 1x1 conv of M channels over them).
+    ws: a row per thread: the stage (NR, NY, ld), ld = W' rounded up to TX; the responses (two
+    only), RB = per_block rounded up to NY; the block's input and a zero margin (copy only)."""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     NY, TX = DIRECT_TILES[1] if narrow else DIRECT_TILES[0]
     K = C * kh * kw
+    R1 = wt.size // K                   # stage-1 rows: N, or M rounded up to NR (two)
+    M = ct.size // N if two else 0      # combine panels are M rows deep
     ld = -(-wo // TX) * TX
+    RB = -(-per_block // NY) * NY
     rows = B * ho
     halo = (kh - 1) * dh // sh          # phase-plane rows a window reaches below its corner
     bands = -(-ho // per_block)         # blocks per image, when bands
@@ -527,9 +544,12 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, bias, res, has_r
     rf = res.ravel()
     for t in prange(T):
         stage = ws[t, :NR * NY * ld]
-        xb = ws[t, NR * NY * ld:] if copy else xf
+        s1 = ws[t, NR * NY * ld:NR * NY * ld + (R1 * RB * ld if two else 0)]
+        xb = ws[t, NR * NY * ld + (R1 * RB * ld if two else 0):] if copy else xf
         roff = np.empty(NY, np.intp)     # the tile rows' window corners (rows past the last repeat it)
         koff = np.empty(K, np.intp)      # tap (c, i, j)'s offset from a window corner
+        roff1 = np.empty(NY, np.intp)    # two: the tile rows in the responses
+        koff1 = np.arange(M) * RB * ld   # two: response m's offset
         for unit in range(t * units // T, (t + 1) * units // T):
             blk = unit // parts
             part = unit % parts
@@ -554,16 +574,26 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, bias, res, has_r
                 i = k // kw % kh * dh
                 j = k % kw * dw
                 koff[k] = (((k // (kh * kw) * sh + i % sh) * sw + j % sw) * Hb + i // sh) * Wq + j // sw
+            if two:                      # the block's basis responses, each basis panel reused
+                for pb in range(R1 // NR):
+                    for r in range(r0, r1, NY):
+                        for y in range(NY):
+                            q = min(r + y, r1 - 1)
+                            roff[y] = ((q // ho - b0) * C * sh * sw * Hb + q % ho - u0) * Wq
+                        _direct_row(narrow, K, xb, koff, roff, wt, pb * K * NR, s1,
+                                    (pb * NR * RB + r - r0) * ld, RB * ld, ld, ld)
             for panel in range(part * panels // parts, (part + 1) * panels // parts):
                 for r in range(r0, r1, NY):
                     for y in range(NY):
                         q = min(r + y, r1 - 1)
                         roff[y] = ((q // ho - b0) * C * sh * sw * Hb + q % ho - u0) * Wq
-                    for x0 in range(0, ld, TX):
-                        if narrow:
-                            _direct_narrow(K, xb, x0, koff, roff, wt, panel * K * NR, stage, x0, ld)
-                        else:
-                            _direct_wide(K, xb, x0, koff, roff, wt, panel * K * NR, stage, x0, ld)
+                        roff1[y] = (q - r0) * ld
+                    if two:
+                        _direct_row(narrow, M, s1, koff1, roff1, ct, panel * M * NR, stage, 0,
+                                    NY * ld, ld, ld)
+                    else:
+                        _direct_row(narrow, K, xb, koff, roff, wt, panel * K * NR, stage, 0,
+                                    NY * ld, ld, ld)
                     ny = min(NY, r1 - r)
                     for j in range(min(NR, N - panel * NR)):
                         n = panel * NR + j
@@ -663,25 +693,28 @@ def plan_packed(B, cols, K, Np, Mp, T, grid):
     return nch, parts, per_column * nch
 
 
-def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, T):
-    """(narrow, rows per block, panel parts, stage values per thread, outputs computed per
-    output: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
-    planes of one stride phase.
+def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, T, M=None):
+    """(narrow, rows per block, panel parts, scratch per thread without the block's input,
+    MACs computed per MAC needed: rows, columns and channels rounded up to whole tiles) of
+    _conv_direct, Hq x Wq the planes of one stride phase, M the basis rank (None: a conv).
     Blocks: a thread's share of the images when the layer has more weights than input values
     (weight-bound: late layers; its thread then streams the weights once); else whole images,
     as many as fit DIRECT_BLOCK_VALUES, or else bands of one image that do; as many blocks as a
     multiple of T where that splits evenly, and the panels split too when there are fewer
-    blocks than threads (batch 1). Measured in VGG-16 at batch 16: splitting by channels
-    instead (each thread all of the input, half of the weights) was 10-20% slower, the input
-    then crossing between the cores.
-    Tile: the shape computing fewest positions (a block's last tile repeats rows), the narrow
-    one's (fewer FMAs per load) counted DIRECT_NARROW_COST times (measured 1-3% slower per
-    position)."""
+    blocks than threads (batch 1). Splitting by channels instead (each thread all of the input,
+    half of the weights) made dense VGG-16 at batch 16 8% slower: the input then crosses
+    between the cores.
+    Tile: the shape computing fewest MACs (a block's last tile repeats rows), the narrow one's
+    (fewer FMAs per load) counted DIRECT_NARROW_COST times (measured 1-3% slower per MAC)."""
     image = C * sh * sw * Hq * Wq               # values of one image's padded input
+    up = lambda v: -(-v // NR) * NR             # noqa: E731
+    weights = K * N if M is None else (K + N) * M
+    per_row = K * up(N) if M is None else K * up(M) + M * up(N)      # MACs per position
+    need = K * N if M is None else (K + N) * M
     best = None
     for narrow, (NY, TX) in enumerate(DIRECT_TILES):
-        if K * N > B * image or image <= DIRECT_BLOCK_VALUES:
-            per = -(-B // T) if K * N > B * image else max(1, DIRECT_BLOCK_VALUES // image)
+        if weights > B * image or image <= DIRECT_BLOCK_VALUES:
+            per = -(-B // T) if weights > B * image else max(1, DIRECT_BLOCK_VALUES // image)
             per = next((p for p in range(per, 0, -1) if B % p == 0 and B // p % T == 0), per)
             per_block, blocks = per * ho, -(-B // per)
             sizes = [per * ho] * (B // per) + ([B % per * ho] if B % per else [])
@@ -692,11 +725,13 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, T):
             blocks = B * -(-ho // per_block)
             sizes = [per_block] * (ho // per_block) + ([ho % per_block] if ho % per_block else [])
             sizes = sizes * B
-        computed = sum(-(-r // NY) * NY for r in sizes) * -(-wo // TX) * TX * -(-N // NR) * NR
+        computed = sum(-(-r // NY) * NY for r in sizes) * -(-wo // TX) * TX * per_row
         cost = computed * (DIRECT_NARROW_COST if narrow else 1.0)
         if best is None or cost < best[0]:
-            best = (cost, (narrow, per_block, min(-(-N // NR), -(-T // blocks)),
-                           NR * NY * -(-wo // TX) * TX, computed / (B * ho * wo * N)))
+            ld = -(-wo // TX) * TX
+            scratch = NR * NY * ld + (0 if M is None else up(M) * -(-per_block // NY) * NY * ld)
+            best = (cost, (narrow, per_block, min(-(-N // NR), -(-T // blocks)), scratch,
+                           computed / (B * ho * wo * need)))
     return best[1]
 
 
@@ -749,12 +784,12 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
     Kg = C // groups * kh * kw
     kn2row = use_kn2row(C // groups, M, stride)
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
-    if groups == 1 and M is None and Kg >= DIRECT_MIN_K:
+    if groups == 1 and Kg >= DIRECT_MIN_K:
         sh, sw = stride
         dh = dilation[0]
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
-        *split, scratch, waste = plan_direct(B, C, ho, wo, N, Kg, kh, dh, sh, sw, Hq, Wq, T)
-        if waste <= DIRECT_WASTE:
+        *split, scratch, waste = plan_direct(B, C, ho, wo, N, Kg, kh, dh, sh, sw, Hq, Wq, T, M)
+        if waste <= DIRECT_WASTE and (M is None or split[2] == 1):   # (parts would repeat stage 1)
             copy = bool(any(padding) or (sh, sw) != (1, 1) or wo % DIRECT_TILES[split[0]][1])
             if copy:
                 scratch += direct_block_values(*split[:2], B, C, ho, kh, dh, sh, sw, Hq, Wq)
@@ -822,9 +857,10 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     if plan.how == "direct":
         Hq, Wq = -(-(H + padding[0] + padding[2]) // sh), -(-(W + padding[1] + padding[3]) // sw)
         wt = _DERIVED.get(w1, "direct", lambda: pack_cols(w1m))
+        ct = _DERIVED.get(w2, "direct", lambda: pack_cols(w2)) if two else wt
         ws = np.empty((T, plan.scratch), np.float32)
-        _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, bias, res3, has_res, code, a0,
-                     a1, ho, wo, *plan.split, out, ws)
+        _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res3, has_res,
+                     code, a0, a1, ho, wo, *plan.split, out, ws)
     elif plan.how == "packed":
         Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))

@@ -173,17 +173,17 @@ def _transposed(builder, vecs):
 def _direct_micro(NY, TX):
     """The direct conv's register tile of NY output rows x TX adjacent output columns by NR
     output channels (NY*TX = MR positions at TX = 4 with AVX-512) as an intrinsic:
-    c[oc + (j*NY + y)*ldc + x] = sum_p x[ox + koff[p] + roff[y] + x] * w[ow + p*NR + j] for
+    c[oc + j*ldj + y*ldc + x] = sum_p x[ox + koff[p] + roff[y] + x] * w[ow + p*NR + j] for
     y < NY, x < TX, j < NR, p < k: the input read in place (roff: each row's window corner,
     koff: each tap's offset), weights from an NR-wide panel, and the tile written channel-major
     (TX adjacent values per channel and row), as the output is laid out."""
     @intrinsic
-    def micro(typingctx, k_t, x_t, ox_t, koff_t, roff_t, w_t, ow_t, c_t, oc_t, ldc_t):
+    def micro(typingctx, k_t, x_t, ox_t, koff_t, roff_t, w_t, ow_t, c_t, oc_t, ldj_t, ldc_t):
         sig = types.void(types.intp, x_t, types.intp, koff_t, roff_t, w_t, types.intp, c_t,
-                         types.intp, types.intp)
+                         types.intp, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            k, x, ox, koff, roff, w, ow, c, oc, ldc = args
+            k, x, ox, koff, roff, w, ow, c, oc, ldj, ldc = args
             ptr, const, vec_at = _codegen_helpers(context, builder)
             xp, wp, cp = ptr(x_t, x, ox), ptr(w_t, w, ow), ptr(c_t, c, oc)
             kp, rp = ptr(koff_t, koff, const(0)), ptr(roff_t, roff, const(0))
@@ -212,7 +212,8 @@ def _direct_micro(NY, TX):
                 for v in range(2):
                     groups = _transposed(builder, [acc[2 * (y * TX + u) + v] for u in range(TX)])
                     for j, g in enumerate(groups):
-                        d = builder.gep(cp, [builder.mul(const((v * VW + j) * NY + y), ldc)])
+                        d = builder.gep(cp, [builder.add(builder.mul(const(v * VW + j), ldj),
+                                                         builder.mul(const(y), ldc))])
                         builder.store(g, builder.bitcast(d, g.type.as_pointer()), align=4)
             return context.get_dummy_value()
 
