@@ -311,8 +311,8 @@ TT = {"stride": [1, 1], "dilation": [1, 1], "padding_mode": "zeros", "padding": 
     pytest.param(one_node("conv2d", dict(CONV, padding=[300] * 4, stride=[400, 400], padding_mode="replicate"),
                           {"weight": np.ones((4, 3, 3, 3), np.float32)}),
                  id="conv2d padded input"),
-    pytest.param(one_node("conv2d", CONV, {"weight": np.ones((1, 3, 64, 64), np.float32)}, (None, 3, 64, 64)),
-                 id="conv2d im2col columns"),
+    pytest.param(one_node("conv2d", dict(CONV, groups=2), {"weight": np.ones((2, 3, 64, 64), np.float32)},
+                          (None, 6, 64, 64)), id="conv2d im2col columns"),  # (grouped: not direct)
     pytest.param(one_node("basis_conv2d", dict(CONV, rank=4096), {"basis": np.ones((4096, 3, 1, 1), np.float32),
                                                                   "combine": np.ones((1, 4096), np.float32)},
                           (None, 3, 16, 16)), id="basis_conv2d stage-1 responses"),

@@ -68,6 +68,7 @@ GRID_WASTE = 1.1             # most columns computed per output for the packed p
 DIRECT_WASTE = 1.25          # most outputs computed per output for the direct conv
 DIRECT_NARROW_COST = 1.03    # narrow tile's time per position against the wide one's
 DIRECT_MIN_K = 64            # fewest im2col rows (C*kh*kw) for the direct conv
+DIRECT_STREAMED = 64         # direct conv whatever its waste up to this many outputs per channel
 DIRECT_BLOCK_VALUES = 1 << 17  # input values a direct conv block reads (512 KB: half of L2)
 ACT_CODES = {"relu": 1, "clip": 2, "leaky_relu": 3}
 
@@ -529,7 +530,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     NY, TX = DIRECT_TILES[1] if narrow else DIRECT_TILES[0]
     K = C * kh * kw
     R1 = wt.size // K                   # stage-1 rows: N, or M rounded up to NR (two)
-    M = ct.size // N if two else 0      # combine panels are M rows deep
+    M = ct.size // (-(-N // NR) * NR) if two else 0     # combine panels are M rows deep
     ld = -(-wo // TX) * TX
     RB = -(-per_block // NY) * NY
     rows = B * ho
@@ -784,12 +785,14 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
     Kg = C // groups * kh * kw
     kn2row = use_kn2row(C // groups, M, stride)
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
-    if groups == 1 and Kg >= DIRECT_MIN_K:
+    if groups == 1 and Kg >= DIRECT_MIN_K and kh >= stride[0] and kw >= stride[1]:
         sh, sw = stride
         dh = dilation[0]
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
         *split, scratch, waste = plan_direct(B, C, ho, wo, N, Kg, kh, dh, sh, sw, Hq, Wq, T, M)
-        if waste <= DIRECT_WASTE and (M is None or split[2] == 1):   # (parts would repeat stage 1)
+        # waste is cheap where each weight meets few outputs (the weights' stream sets the time)
+        if ((waste <= DIRECT_WASTE or B * P <= DIRECT_STREAMED)
+                and (M is None or split[2] == 1)):                     # (parts would repeat stage 1)
             copy = bool(any(padding) or (sh, sw) != (1, 1) or wo % DIRECT_TILES[split[0]][1])
             if copy:
                 scratch += direct_block_values(*split[:2], B, C, ho, kh, dh, sh, sw, Hq, Wq)
