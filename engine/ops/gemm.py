@@ -125,30 +125,28 @@ def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
 @njit(cache=True)
 def _finish(dst, od, src, os_, n, bv, res, orr, has_res, act, a0, a1):
     """dst[od + q] = act(src[os_ + q] + bv (+ res[orr + q])) for q < n (dst may be src).
-    On row views, so that the loops vectorize."""
-    d = dst[od:od + n]
-    x = src[os_:os_ + n]
+    Unsigned indices (no wrap-around checks) and no views (their set-up costs more than a
+    short row), so that the loops vectorize."""
     lo = np.float32(a0)
     hi = np.float32(a1)
     if has_res:
-        r = res[orr:orr + n]
         for q in range(n):
-            d[q] = (x[q] + bv) + r[q]
+            dst[np.uintp(od + q)] = (src[np.uintp(os_ + q)] + bv) + res[np.uintp(orr + q)]
     else:
         for q in range(n):
-            d[q] = x[q] + bv
+            dst[np.uintp(od + q)] = src[np.uintp(os_ + q)] + bv
     if act == 1:
         for q in range(n):
-            v = d[q]
-            d[q] = np.float32(0.0) if v < 0 else v
+            v = dst[np.uintp(od + q)]
+            dst[np.uintp(od + q)] = np.float32(0.0) if v < 0 else v
     elif act == 2:
         for q in range(n):
-            v = d[q]
-            d[q] = lo if v < lo else (hi if v > hi else v)
+            v = dst[np.uintp(od + q)]
+            dst[np.uintp(od + q)] = lo if v < lo else (hi if v > hi else v)
     elif act == 3:
         for q in range(n):
-            v = d[q]
-            d[q] = v * lo if v < 0 else v
+            v = dst[np.uintp(od + q)]
+            dst[np.uintp(od + q)] = v * lo if v < 0 else v
 
 
 @njit(cache=True)
@@ -370,22 +368,22 @@ def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst):
                 v1 = max(v0, min(Wq, (W - 1 + pl - j) // sw + 1))
                 for u in range(u0, u0 + Hb):
                     y = u * sh + i - pt
-                    d = o + (u - u0) * Wq
+                    d = o + (u - u0) * Wq      # (unsigned indices: no wrap checks, vectorizes)
                     if 0 <= y < H:
                         s = (t * H + y) * W + j - pl
                         for v in range(v0):
-                            dst[d + v] = 0.0
-                        if sw == 1:                         # (vectorizes)
+                            dst[np.uintp(d + v)] = 0.0
+                        if sw == 1:
                             for v in range(v0, v1):
-                                dst[d + v] = xf[s + v]
+                                dst[np.uintp(d + v)] = xf[np.uintp(s + v)]
                         else:
                             for v in range(v0, v1):
-                                dst[d + v] = xf[s + v * sw]
+                                dst[np.uintp(d + v)] = xf[np.uintp(s + v * sw)]
                         for v in range(v1, Wq):
-                            dst[d + v] = 0.0
+                            dst[np.uintp(d + v)] = 0.0
                     else:
                         for v in range(Wq):
-                            dst[d + v] = 0.0
+                            dst[np.uintp(d + v)] = 0.0
 
 
 @njit(cache=True, parallel=True)
