@@ -11,6 +11,14 @@ against Numba's. NumPy's own BLAS is left as the user set it; the engine does no
 any hot path.
 
 Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per image:
+  direct      (one group, K = C*kh*kw >= DIRECT_MIN_K, tiles wasting little) `_conv_direct`: no
+              im2col. Register tiles of a few output rows x 4 (or 2) adjacent columns x 32
+              channels, each summed over all of K from the input read in place through a table
+              of tap offsets (sgemm's direct micro-kernel: input values broadcast, weights as
+              32-wide panels), transposed in registers into a stage whose rows get the epilogue.
+              Work in blocks of output rows, each task copying its block's zero-padded input
+              (split by stride phase) into its own scratch. A basis conv runs its stages there
+              too: the block's basis responses, then the combine as a 1x1 conv over them.
   packed      (one group, B*P >= NR; not for basis convs whose stage 1 is kn2row per image)
               `_conv_packed`: weights packed once (sgemm.pack_rows); the output positions cut
               into chunks sized for L2; per chunk the im2col columns are gathered KC rows at a
@@ -34,8 +42,9 @@ GEMM of every tap's filters (kh*kw*M rows) against the input itself, then shifte
 (`_kn2row_image`, `_kn2row_batched`).
 1x1 stride-1 unpadded convs skip im2col in the per-image split (the image is the column matrix).
 Also here: `linear_gemm` (linear, output features split) and `matmul` (the TT chain).
-im2col of stride-1 'same' convs is one shifted copy per row (`_im2col`); inner loops run on row
-views, which LLVM vectorizes (indexing the flat arrays did not: 7x slower shifted adds).
+im2col of stride-1 'same' convs is one shifted copy per row (`_im2col`). Short inner loops index
+the flat arrays with unsigned offsets (np.uintp): without wrap-around checks LLVM vectorizes them
+(signed indices: 7x slower shifted adds), and no view is set up per row (slower on short rows).
 
 Work is cut by shapes and the start-up thread count (`threads()`), never by the threads a call
 gets, so results are bit-identical under numba.set_num_threads (dataset runs rely on it).
@@ -971,11 +980,12 @@ def _shift_add(Y, oY, ldY, iy0, W, M, kh, kw, dh, dw, pt, pl, oy0, oy1, wo, H, s
                 src = oY + ((i * kw + j) * M + m) * ldY + (ya - pt + i * dh - iy0) * W + off + lo
                 dst = os_ + m * lds + (ya - oy0) * wo + lo
                 for oy in range(yb - ya):
-                    # row views: the add vectorizes (7x faster than indexing the flat arrays)
-                    ys = Y[src + oy * W:src + oy * W + L]
-                    sd = s[dst + oy * wo:dst + oy * wo + L]
+                    # unsigned indices: the add vectorizes (signed ones: 7x slower; row views
+                    # 6% slower, their set-up outweighing a short row)
+                    a = src + oy * W
+                    d = dst + oy * wo
                     for q in range(L):
-                        sd[q] += ys[q]
+                        s[np.uintp(d + q)] += Y[np.uintp(a + q)]
 
 
 @njit(cache=True, parallel=True)
