@@ -797,9 +797,12 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         dh = dilation[0]
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
         *split, scratch, waste = plan_direct(B, C, ho, wo, N, Kg, kh, dh, sh, sw, Hq, Wq, T, M)
-        # waste is cheap where each weight meets few outputs (the weights' stream sets the time)
-        if ((waste <= DIRECT_WASTE or B * P <= DIRECT_STREAMED)
-                and (M is None or split[2] == 1)):                     # (parts would repeat stage 1)
+        # A conv's waste is cheap where each weight meets few outputs (the weights' stream sets
+        # the time; not so for basis convs: batched kn2row 1.6x faster at 2x2, batch 2). Basis
+        # convs with fewer blocks than threads would repeat stage 1 in each part: 1.2-1.8x
+        # slower than the other paths at batch 1, also when run as two direct convs.
+        if ((waste <= DIRECT_WASTE or (M is None and B * P <= DIRECT_STREAMED))
+                and (M is None or split[2] == 1)):
             copy = bool(any(padding) or (sh, sw) != (1, 1) or wo % DIRECT_TILES[split[0]][1])
             if copy:
                 scratch += direct_block_values(*split[:2], B, C, ho, kh, dh, sh, sw, Hq, Wq)
