@@ -44,7 +44,7 @@ MR = 12 if VW == 16 else 6      # register tile rows: 2*MR accumulators (32 / 16
 KC = 256                        # rows of B per packed block: one B micro-panel (KC, NR) in L1
 MC = 120                        # rows of A per packed block (MC, KC) in L2
 NC = 2048                       # columns of B per packed block
-PREFETCH_ROWS = 32              # direct conv: weight rows prefetched ahead
+PREFETCH_ROWS = 64              # direct conv: weight rows prefetched ahead
 
 
 def _tile_loop(context, builder, k, n, lanes, rows):
