@@ -10,10 +10,12 @@ basis_linear (attrs: rank M; weights basis (M, in) fixed, combine (out, M), bias
 
 The reference is the composition of the conv2d / linear reference kernels, so the op is defined
 by the two stages above and nothing else. Fast path (conv.basis_conv2d_fast -> gemm.conv_gemm):
-both stages in the same GEMM tasks; stage 1 once per input (every output channel of a group
-reuses the same G*M responses), by im2col + sgemm, or with stride 1 and M < C/G by kn2row (one
-sgemm over the taps, then shifted adds); stage 2 one sgemm (N/G, M) @ (M, columns) per task and
-group; bias, a fused residual add and the activation in the epilogue.
+both stages in the same tasks; stage 1 once per input (every output channel of a group reuses
+the same G*M responses). One group, where its tiles waste little: the direct conv (a block's
+responses by its micro-kernel, then the combine as a 1x1 conv over them); else by im2col +
+sgemm, or with stride 1 and M < C/G by kn2row (one sgemm over the taps, then shifted adds),
+stage 2 one sgemm (N/G, M) @ (M, columns) per task and group. Bias, a fused residual add and the
+activation in the epilogue.
 Cost: macs = B*H'*W'*(G*M*d + N*M) with d = (C/G)*kh*kw; other = B*N*H'*W' bias adds when there
 is a bias (basis_linear: macs = rows*(M*in + out*M), other = rows*out).
 Counted: the two stages through the counting conv / linear kernels, their counts added.

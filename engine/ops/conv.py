@@ -8,9 +8,10 @@ every window) and `check_weight`.
 Fast path `conv2d_fast` (bias, a fused residual add and the activation in one epilogue):
   - groups == C (depthwise, any channel multiplier): `_depthwise`, a direct Numba kernel with one
     prange task per (image, output channel); residual and activation after, in NumPy.
-  - otherwise `gemm.conv_gemm`: im2col (zero padding inline; other modes padded first) and
-    single-threaded sgemm inside Numba prange tasks, per image or the whole batch as one GEMM
-    for small H'W' (see ops/gemm.py); 1x1 stride-1 unpadded convs use the image itself.
+  - otherwise `gemm.conv_gemm` (zero padding inline; other modes padded first): one group with
+    K = C*kh*kw >= 64 mostly the direct conv (register tiles over the input read in place, no
+    im2col); else im2col gathered into the GEMM's panels, or im2col / kn2row and sgemm per
+    image or per batch, inside Numba prange tasks (see ops/gemm.py, plan_conv).
 `basis_conv2d_fast` runs both stages of a basis conv in the same tasks (ops/basis.py).
 Cost: macs = B*N*H'*W'*(C/G)*kh*kw; other = B*N*H'*W' (the bias add) when there is a bias.
 Counted (`conv2d_counted`, also the MAC kernel of linear, basis and TT): `_conv_counted`, direct

@@ -16,7 +16,14 @@ them to C. Partial tiles go through a small tile buffer.
 Rounding: every C element is a sum over k in increasing order, in blocks of KC, each block's sum
 added to C (c = c + s); the result does not depend on threads or on where C's tiles fall.
 
-`sgemm_reference` is the plain NumPy definition the kernel is tested against.
+The direct conv's micro-kernel (`_direct_micro`, used by ops/gemm.py's `_conv_direct`) shares
+the register-tile loop (`_tile_loop`) with the other roles: the input's values are the broadcast
+scalars, read in place through tap offsets, and the weights the vectors (`pack_cols` panels), so
+that output channels fill the vectors; the tile is transposed in registers (`_transposed`) and
+stored channel-major, as the output is laid out.
+
+`sgemm_reference` is the plain NumPy definition the GEMM is tested against (the direct conv is
+tested as a conv, against the reference conv and PyTorch).
 """
 from __future__ import annotations
 
