@@ -2,6 +2,11 @@
 kernels (packed gather and grid modes, per-image and batched splits, im2col and kn2row, fused
 epilogue), linear, 2x2 max pooling, global average pooling, the plan's residual-add fusion and
 the single-threaded BLAS setting."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
@@ -14,6 +19,7 @@ from engine.ops.activation import apply_act
 from engine.ops.conv import basis_conv2d_fast, conv2d_fast, conv_out_hw
 
 load_all()
+ROOT = Path(__file__).resolve().parents[1]
 ACTS = [None, ("relu",), ("clip", -0.5, 0.7), ("leaky_relu", 0.1), ("sigmoid",)]
 
 
@@ -316,3 +322,41 @@ def test_cli_bench_times_the_engine_alone(tmp_path, capsys):
     assert out["input_shapes"] == [[3, 3, 8, 8]] and out["runs"] >= 2 and out["macs"] == 3 * 4 * 64 * 27
     assert main(["bench", str(path), "--seconds", "0.05", "--min-runs", "2"]) == 0
     assert "bench/speed.py" in capsys.readouterr().out
+
+
+NARROW_VECTOR_CASES = [CASES[i] for i in (0, 8, 9, 13, 15, 17, 18, 19, 20, 21, 22)]
+
+
+def narrow_vector_child():
+    """Run in a child process with BASISCONV_VECTOR_WIDTH=8: the kernels an AVX (not AVX-512)
+    machine compiles, on NARROW_VECTOR_CASES (direct, packed gather and grid) and the sgemm,
+    held to the references."""
+    assert sgemm.VW == 8 and sgemm.DIRECT_TILES == ((1, 4), (2, 2)), (sgemm.VW, sgemm.DIRECT_TILES)
+    kinds = set()
+    for B, C, N, H, W, kh, kw, stride, pad, dil, g in NARROW_VECTOR_CASES:
+        ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
+        x, w, b = rand(B, C, H, W), rand(N, C // g, kh, kw, seed=1), rand(N, seed=2)
+        want = OPS["conv2d"].reference(conv_node(w, b, stride, pad, dil, g), x)
+        close(conv2d_fast(x, w, b, stride, pad, dil, g, "zeros", ("relu",)), np.maximum(want, 0))
+        for M in [None] + basis_ranks(C, g):
+            plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g, M)
+            kinds.add(("grid" if plan.grid else "gather") if plan.how == "packed" else plan.how)
+            if M is not None:
+                basis, comb = rand(g * M, C // g, kh, kw, seed=1), rand(N, M, seed=2)
+                want = OPS["basis_conv2d"].reference(basis_node(basis, comb, b, stride, pad, dil, g), x)
+                close(basis_conv2d_fast(x, basis, comb, b, stride, pad, dil, g, "zeros"), want)
+    assert {"direct", "gather", "grid"} <= kinds, kinds
+    a, bm = rand(37, 300), rand(300, 45, seed=1)
+    c = np.empty(37 * 45, np.float32)
+    sgemm.sgemm(False, 37, 45, 300, a.ravel(), 0, 300, bm.ravel(), 0, 45, c, 0, 45)
+    close(c.reshape(37, 45), sgemm.sgemm_reference(a, bm))
+
+
+def test_narrow_vector_kernels(tmp_path):
+    """The 8-wide (AVX) micro-kernels and direct-conv tiles, compiled in a child process with
+    their own Numba cache, match the references like the host's widest ones do."""
+    env = dict(os.environ, BASISCONV_VECTOR_WIDTH="8", NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", "import tests.test_fast_paths as t; "
+                           "t.narrow_vector_child()"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -27,6 +27,8 @@ tested as a conv, against the reference conv and PyTorch).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from llvmlite import ir
 import llvmlite.binding as llvm
@@ -36,13 +38,16 @@ from numba.extending import intrinsic
 
 
 def _host_vector_width() -> int:
-    """float32 lanes of the widest SIMD registers the host has (Numba compiles for the host)."""
+    """float32 lanes of the widest SIMD registers the host has (Numba compiles for the host), or
+    fewer if BASISCONV_VECTOR_WIDTH (4 or 8) asks: the tests run the narrower kernels of
+    AVX / SSE machines that way (with their own NUMBA_CACHE_DIR: Numba's cache does not see
+    this setting)."""
     features = llvm.get_host_cpu_features()
-    if features.get("avx512f"):
-        return 16
-    if features.get("avx"):
-        return 8
-    return 4
+    width = 16 if features.get("avx512f") else 8 if features.get("avx") else 4
+    asked = os.environ.get("BASISCONV_VECTOR_WIDTH")
+    if asked in ("4", "8"):
+        width = min(width, int(asked))
+    return width
 
 
 VW = _host_vector_width()
