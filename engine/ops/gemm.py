@@ -554,7 +554,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
         stage = ws[t, :NR * NY * ld]
         s1 = ws[t, NR * NY * ld:NR * NY * ld + (R1 * RB * ld if two else 0)]
         xb = ws[t, NR * NY * ld + (R1 * RB * ld if two else 0):] if copy else xf
-        roff = np.empty(NY, np.intp)     # the tile rows' window corners (rows past the last repeat it)
+        roff = np.empty(NY, np.intp)     # tile rows' window corners (past the last: the last)
         koff = np.empty(K, np.intp)      # tap (c, i, j)'s offset from a window corner
         roff1 = np.empty(NY, np.intp)    # two: the tile rows in the responses
         koff1 = np.arange(M) * RB * ld   # two: response m's offset
@@ -581,7 +581,8 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
             for k in range(K):
                 i = k // kw % kh * dh
                 j = k % kw * dw
-                koff[k] = (((k // (kh * kw) * sh + i % sh) * sw + j % sw) * Hb + i // sh) * Wq + j // sw
+                plane = (k // (kh * kw) * sh + i % sh) * sw + j % sw    # (channel, phase)
+                koff[k] = (plane * Hb + i // sh) * Wq + j // sw
             if two:                      # the block's basis responses, each basis panel reused
                 for pb in range(R1 // NR):
                     for r in range(r0, r1, NY):
@@ -773,10 +774,14 @@ class ConvPlan(NamedTuple):
 def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=None) -> ConvPlan:
     """How conv_gemm runs a conv of x (B, C, H, W) into N channels of H' x W' with zero padding
     [t, l, b, r]; M: basis rank (None for a plain conv). Measured choices (VGG-16, batch 16):
-      direct   plain convs of one group with K >= DIRECT_MIN_K whose tiles compute at most
-               DIRECT_WASTE times the outputs: 480-500 GFLOP/s on VGG's 3x3 layers at 2x2 to
-               32x32 alone, where the packed path ran at 330-410 (no gather, no row-panel waste,
-               the epilogue on stage rows in cache).
+      direct   convs and basis convs of one group with K >= DIRECT_MIN_K and a kernel at
+               least as large as the stride (a 1x1 strided conv would copy 4x the input it
+               reads: 2-3x slower than packed), whose tiles compute at most DIRECT_WASTE times
+               the MACs needed (plain convs with at most DIRECT_STREAMED outputs per channel:
+               whatever they compute). 440-490 GFLOP/s on VGG's 3x3 layers from 32x32 to 4x4,
+               where the packed path ran at 330-410 (no gather, no row-panel waste, the
+               epilogue on stage rows in cache); basis convs 1.1-1.5x faster than packed at
+               batch 16 (8x8, 4x4, and 32x32 at stride 2).
       packed   one group, at least NR columns, except basis convs whose stage 1 runs by kn2row
                per image (P >= PER_IMAGE_MIN): kn2row reads each input value once where im2col
                gathers it kh*kw times, which with few basis filters costs more than the multiply
@@ -867,15 +872,15 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     T = threads()
     plan = plan_conv(x.shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M)
     P = ho * wo
+    Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
     if plan.how == "direct":
-        Hq, Wq = -(-(H + padding[0] + padding[2]) // sh), -(-(W + padding[1] + padding[3]) // sw)
+        Hq, Wq = -(-Hp // sh), -(-Wp // sw)
         wt = _DERIVED.get(w1, "direct", lambda: pack_cols(w1m))
         ct = _DERIVED.get(w2, "direct", lambda: pack_cols(w2)) if two else wt
         ws = np.empty((T, plan.scratch), np.float32)
         _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res3, has_res,
                      code, a0, a1, ho, wo, *plan.split, out, ws)
     elif plan.how == "packed":
-        Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, -(-M // MR) * MR)) if two else wp
         if plan.padded:

@@ -139,8 +139,9 @@ def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t
             row = builder.gep(bp, [builder.load(builder.gep(op, [p]))])
             return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
         acc = _tile_loop(context, builder, k, MR, lanes, rows)
+        vec_ptr = acc[0].type.as_pointer()
         dst = [builder.bitcast(builder.gep(cp, [builder.add(builder.mul(const(i), ldc),
-                                                            const(v * VW))]), acc[0].type.as_pointer())
+                                                            const(v * VW))]), vec_ptr)
                for i in range(MR) for v in range(2)]
         with builder.if_else(add) as (then, otherwise):
             with then:
@@ -173,7 +174,8 @@ def _transposed(builder, vecs):
                                                                j // 4 * 4 + j % 2 * 2 + 1])
                 for j in range(VW)]
     a0, a1, a2, a3 = vecs
-    t0, t1, t2, t3 = shuffle(a0, a1, lo), shuffle(a0, a1, hi), shuffle(a2, a3, lo), shuffle(a2, a3, hi)
+    t0, t1 = shuffle(a0, a1, lo), shuffle(a0, a1, hi)
+    t2, t3 = shuffle(a2, a3, lo), shuffle(a2, a3, hi)
     first, second = per_lane([0, 1, 4, 5]), per_lane([2, 3, 6, 7])
     quads = [shuffle(t0, t2, first), shuffle(t0, t2, second), shuffle(t1, t3, first),
              shuffle(t1, t3, second)]
@@ -203,8 +205,8 @@ def _direct_micro(NY, TX):
 
             def lanes(p):
                 tap = builder.gep(xp, [builder.load(builder.gep(kp, [p]))])
-                rows_ = [builder.gep(tap, [corner]) for corner in corners]
-                return [builder.load(builder.gep(r, [const(u)])) for r in rows_ for u in range(TX)]
+                starts = [builder.gep(tap, [corner]) for corner in corners]
+                return [builder.load(builder.gep(r, [const(u)])) for r in starts for u in range(TX)]
 
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
