@@ -324,10 +324,11 @@ def test_cli_bench_times_the_engine_alone(tmp_path, capsys):
     assert "bench/speed.py" in capsys.readouterr().out
 
 
-def narrow_vector_child():
-    """Run in a child process with BASISCONV_VECTOR_WIDTH=8: the kernels an AVX (not AVX-512)
-    machine compiles, on every case of CASES and the sgemm, held to the references."""
-    assert sgemm.VW == 8 and sgemm.DIRECT_TILES == ((1, 4), (2, 2)), (sgemm.VW, sgemm.DIRECT_TILES)
+def narrow_vector_child(width):
+    """Run in a child process with BASISCONV_VECTOR_WIDTH=width: the kernels an AVX (8) or
+    SSE / NEON (4) machine compiles, on every case of CASES and the sgemm, held to the
+    references."""
+    assert sgemm.VW == width and sgemm.DIRECT_TILES == ((1, 4), (2, 2)), (sgemm.VW, sgemm.DIRECT_TILES)
     kinds = set()
     for B, C, N, H, W, kh, kw, stride, pad, dil, g in CASES:
         ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
@@ -348,11 +349,13 @@ def narrow_vector_child():
     close(c.reshape(37, 45), sgemm.sgemm_reference(a, bm))
 
 
-def test_narrow_vector_kernels(tmp_path):
-    """The 8-wide (AVX) micro-kernels and direct-conv tiles, compiled in a child process with
-    their own Numba cache, match the references like the host's widest ones do."""
-    env = dict(os.environ, BASISCONV_VECTOR_WIDTH="8", NUMBA_CACHE_DIR=str(tmp_path))
+@pytest.mark.parametrize("width", [8, 4])
+def test_narrow_vector_kernels(tmp_path, width):
+    """The 8-wide (AVX) and 4-wide (SSE, NEON) micro-kernels and direct-conv tiles, compiled in
+    a child process with their own Numba cache, match the references like the host's widest
+    ones do."""
+    env = dict(os.environ, BASISCONV_VECTOR_WIDTH=str(width), NUMBA_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", "import tests.test_fast_paths as t; "
-                           "t.narrow_vector_child()"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+                           f"t.narrow_vector_child({width})"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
