@@ -702,10 +702,10 @@ def plan_packed(B, cols, K, Np, Mp, T, grid):
     return nch, parts, per_column * nch
 
 
-def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, T, M=None):
-    """(narrow, rows per block, panel parts, scratch per thread without the block's input,
-    MACs computed per MAC needed: rows, columns and channels rounded up to whole tiles) of
-    _conv_direct, Hq x Wq the planes of one stride phase, M the basis rank (None: a conv).
+def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
+    """(narrow, rows per block, panel parts, copy, scratch per thread, MACs computed per MAC
+    needed: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
+    planes of one stride phase, padded: any zero padding, M the basis rank (None: a conv).
     Blocks: a thread's share of the images when the layer has more weights than input values
     (weight-bound: late layers; its thread then streams the weights once); else whole images,
     as many as fit DIRECT_BLOCK_VALUES, or else bands of one image that do; as many blocks as a
@@ -714,43 +714,38 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, T, M=None):
     half of the weights) made dense VGG-16 at batch 16 8% slower: the input then crosses
     between the cores.
     Tile: the shape computing fewest MACs (a block's last tile repeats rows), the narrow one's
-    (fewer FMAs per load) counted DIRECT_NARROW_COST times (measured 1-3% slower per MAC)."""
+    (fewer FMAs per load) counted DIRECT_NARROW_COST times (measured 1-3% slower per MAC).
+    Copy: a task copies its block's input unless x can be read in place (stride 1, unpadded,
+    W' a multiple of TX)."""
     image = C * sh * sw * Hq * Wq               # values of one image's padded input
+    halo = (kh - 1) * dh // sh
     up = lambda v: -(-v // NR) * NR             # noqa: E731
-    weights = K * N if M is None else (K + N) * M
-    per_row = K * up(N) if M is None else K * up(M) + M * up(N)      # MACs per position
-    need = K * N if M is None else (K + N) * M
+    need = K * N if M is None else (K + N) * M  # weights = MACs needed per position
+    per_row = K * up(N) if M is None else K * up(M) + M * up(N)      # MACs computed per position
     best = None
     for narrow, (NY, TX) in enumerate(DIRECT_TILES):
-        if weights > B * image or image <= DIRECT_BLOCK_VALUES:
-            per = -(-B // T) if weights > B * image else max(1, DIRECT_BLOCK_VALUES // image)
+        if need > B * image or image <= DIRECT_BLOCK_VALUES:
+            per = -(-B // T) if need > B * image else max(1, DIRECT_BLOCK_VALUES // image)
             per = next((p for p in range(per, 0, -1) if B % p == 0 and B // p % T == 0), per)
-            per_block, blocks = per * ho, -(-B // per)
+            per_block, blocks, rows_in = per * ho, -(-B // per), min(B, per) * Hq
             sizes = [per * ho] * (B // per) + ([B % per * ho] if B % per else [])
         else:
-            band = DIRECT_BLOCK_VALUES // (C * sh * sw * Wq) - (kh - 1) * dh // sh
-            band = max(NY, band // NY * NY)
+            band = max(NY, (DIRECT_BLOCK_VALUES // (C * sh * sw * Wq) - halo) // NY * NY)
             per_block = -(-ho // (-(-ho // band) * NY)) * NY     # even bands of whole tiles
-            blocks = B * -(-ho // per_block)
+            blocks, rows_in = B * -(-ho // per_block), min(Hq, per_block + halo)
             sizes = [per_block] * (ho // per_block) + ([ho % per_block] if ho % per_block else [])
             sizes = sizes * B
         computed = sum(-(-r // NY) * NY for r in sizes) * -(-wo // TX) * TX * per_row
         cost = computed * (DIRECT_NARROW_COST if narrow else 1.0)
         if best is None or cost < best[0]:
             ld = -(-wo // TX) * TX
-            scratch = NR * NY * ld + (0 if M is None else up(M) * -(-per_block // NY) * NY * ld)
-            best = (cost, (narrow, per_block, min(-(-N // NR), -(-T // blocks)), scratch,
+            copy = bool(padded or sh * sw > 1 or wo % TX)
+            scratch = (NR * NY * ld                                       # the stage
+                       + (0 if M is None else up(M) * -(-per_block // NY) * NY * ld)
+                       + (C * sh * sw * rows_in * Wq + TX + Wq if copy else 0))
+            best = (cost, (narrow, per_block, min(-(-N // NR), -(-T // blocks)), copy, scratch,
                            computed / (B * ho * wo * need)))
     return best[1]
-
-
-def direct_block_values(narrow, per_block, B, C, ho, kh, dh, sh, sw, Hq, Wq):
-    """Values of the largest block input a _conv_direct task copies, margin included."""
-    if per_block >= ho:
-        rows_in = min(B, per_block // ho) * Hq
-    else:
-        rows_in = min(Hq, per_block + (kh - 1) * dh // sh)
-    return C * sh * sw * rows_in * Wq + DIRECT_TILES[narrow][1] + Wq
 
 
 class ConvPlan(NamedTuple):
@@ -801,17 +796,15 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         sh, sw = stride
         dh = dilation[0]
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
-        *split, scratch, waste = plan_direct(B, C, ho, wo, N, Kg, kh, dh, sh, sw, Hq, Wq, T, M)
+        *split, scratch, waste = plan_direct(B, C, ho, wo, N, Kg, kh, dh, sh, sw, Hq, Wq,
+                                             any(padding), T, M)
         # A conv's waste is cheap where each weight meets few outputs (the weights' stream sets
         # the time; not so for basis convs: batched kn2row 1.6x faster at 2x2, batch 2). Basis
         # convs with fewer blocks than threads would repeat stage 1 in each part: 1.2-1.8x
         # slower than the other paths at batch 1, also when run as two direct convs.
         if ((waste <= DIRECT_WASTE or (M is None and B * P <= DIRECT_STREAMED))
                 and (M is None or split[2] == 1)):
-            copy = bool(any(padding) or (sh, sw) != (1, 1) or wo % DIRECT_TILES[split[0]][1])
-            if copy:
-                scratch += direct_block_values(*split[:2], B, C, ho, kh, dh, sh, sw, Hq, Wq)
-            return ConvPlan("direct", False, False, (*split, copy), scratch, 0)
+            return ConvPlan("direct", False, False, tuple(split), scratch, 0)
     if groups == 1 and B * P >= NR and not (kn2row and P >= PER_IMAGE_MIN):
         grid = (tuple(stride) == (1, 1) and Kg >= KC
                 and -(-ho * Wp // NR) * NR <= GRID_WASTE * P)
