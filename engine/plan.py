@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from . import buffers
 from .errors import FormatError, InputError, LimitError, ShapeMismatch, UnsupportedOpError
 from .format import Limits
 from .graph import Graph, Node
@@ -147,6 +148,7 @@ class Plan:
                                st.residual, st.output, st.frees) for st in self.steps)
         self._checked: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
+        self._pool = buffers.BufferPool()       # dead tensors' buffers, for later outputs
         self._check({t.name: self.shapes[t.name] for t in graph.inputs}, keep_all=False)
 
     def check_inputs(self, xs: dict[str, np.ndarray], keep_all: bool = False) -> dict[str, tuple]:
@@ -165,6 +167,8 @@ class Plan:
                 got = ", ".join(f"'{k}' {s}" for k, s in input_shapes.items())
                 raise InputError(f"input shape(s) {got} do not fit the model: {e}") from None
             hit = (shapes, self.peak_elements(shapes), sum(map(numel, shapes.values())))
+            # the pool keeps at most twice a call's peak (float32 values) of the shapes seen
+            self._pool.max_bytes = max(self._pool.max_bytes, 8 * hit[1])
             with self._lock:
                 if len(self._checked) > 64:
                     self._checked.clear()
@@ -201,14 +205,19 @@ class Plan:
         return peak
 
     def run(self, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the fused steps; returns the graph outputs by node name."""
+        """Run the fused steps; returns the graph outputs by node name. Dead tensors' buffers
+        go to the plan's pool, for the ops' outputs of this and later calls (engine/buffers.py)."""
         self.check_inputs(xs)
         env = dict(xs)
-        for run, node, inputs, act, residual, output, frees in self._program:
-            env[output] = run(node, [env[i] for i in inputs], act,
-                              None if residual is None else env[residual])
-            for t in frees:
-                del env[t]
+        token = buffers.using(self._pool)
+        try:
+            for run, node, inputs, act, residual, output, frees in self._program:
+                env[output] = run(node, [env[i] for i in inputs], act,
+                                  None if residual is None else env[residual])
+                for t in frees:
+                    self._pool.give(env.pop(t))
+        finally:
+            buffers.done(token)
         return {n: env[n] for _, n in self.graph.outputs}
 
 

@@ -91,3 +91,35 @@ def _assert_same(a, b):
             _assert_same(u, v)
     else:
         np.testing.assert_array_equal(a, b)
+
+
+def test_buffer_pool_recycles_only_dead_buffers():
+    """Plan.run gives each dead tensor's buffer to its pool (engine/buffers.py); a buffer that
+    anything else still refers to (a view, another name, a caller) is never taken."""
+    from engine.buffers import BufferPool
+    pool = BufferPool(max_bytes=1 << 20)
+    held = np.empty(7, np.float32)
+    base = np.empty((3, 3), np.float32)
+    env = {"dead": np.empty(10, np.float32), "dead_view": np.empty((4, 4), np.float32).reshape(16),
+           "held": held, "view_of_held": base.reshape(9), "big": np.empty(1 << 19, np.float32)}
+    for name in list(env):
+        pool.give(env.pop(name))
+    assert pool.bytes == 10 * 4 + 16 * 4             # "big" is past max_bytes
+    a = pool.take((4, 4), np.float32)
+    assert a.shape == (4, 4) and pool.bytes == 40 and pool.take((4, 4), np.float32) is not a
+    assert pool.take((10,), np.float64).dtype == np.float64 and pool.bytes == 40
+
+
+def test_calls_reuse_buffers_and_keep_results(seed_files):
+    """A call's outputs stay as they were after later calls, which draw on the pool."""
+    model = engine.load(seed_files["cnn"])
+    rng = np.random.default_rng(1)
+    x1, x2 = (rng.standard_normal((2,) + tuple(model.graph.inputs[0].shape[1:])).astype(np.float32)
+              for _ in range(2))
+    y1 = model(x1)
+    kept = {k: v.copy() for k, v in y1.items()} if isinstance(y1, dict) else y1.copy()
+    assert model.plan._pool.bytes > 0
+    for _ in range(3):
+        model(x2)
+    _assert_same(y1, kept)
+    _assert_same(model(x1), kept)

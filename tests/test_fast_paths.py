@@ -71,6 +71,7 @@ CASES = [
     (1, 64, 96, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # direct, panels split
     (2, 24, 64, 16, 15, 3, 3, (2, 2), (1, 0, 1, 2), (1, 1), 1),   # direct, stride phases
     (2, 16, 64, 15, 16, 3, 3, (1, 1), (2, 1, 2, 1), (2, 1), 1),   # direct, dilated
+    (4, 36, 40, 14, 14, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # direct, basis grid, 2 images
 ]
 
 
@@ -117,10 +118,13 @@ def test_cases_cover_every_conv_path():
         for M in [None] + basis_ranks(C, g):
             plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g, M)
             if plan.how == "direct":
-                narrow, per_block, parts, copy = plan.split
+                narrow, per_block, parts, copy, grid1 = plan.split
                 seen |= {("direct", ("wide", "narrow")[narrow]), ("direct", "parts", parts > 1),
                          ("direct", "copy", copy), ("direct", "bands", per_block < ho),
                          ("direct", "stride", stride != (1, 1)), ("direct", "basis", bool(M))}
+                if grid1:
+                    seen.add(("direct", "grid1", "images" if per_block > ho else
+                              "bands" if per_block < ho else "image"))
             elif plan.how == "packed":
                 seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
             else:
@@ -128,7 +132,8 @@ def test_cases_cover_every_conv_path():
     assert {"image", "batched", ("grid", False), ("gather", False), ("gather", True),
             ("direct", "wide"), ("direct", "narrow"), ("direct", "parts", True),
             ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True),
-            ("direct", "basis", True)} <= seen
+            ("direct", "basis", True), ("direct", "grid1", "images"),
+            ("direct", "grid1", "bands"), ("direct", "grid1", "image")} <= seen
 
 
 @pytest.mark.parametrize("m,n,k,tb", [(1, 1, 1, False), (12, 32, 256, False), (13, 33, 257, True),

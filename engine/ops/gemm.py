@@ -65,6 +65,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.np.linalg import ensure_blas
 
+from ..buffers import empty
 from .activation import residual_then_act
 from .sgemm import (DIRECT_TILES, KC, MR, NR, _direct_narrow, _direct_wide, _micro,
                     pack_cols, pack_rows, sgemm)
@@ -518,7 +519,7 @@ def _direct_row(narrow, k, src, koff, roff, w, ow, c, oc, ldj, ldc, ld):
 
 @njit(cache=True, parallel=True)
 def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res, has_res, act,
-                 a0, a1, ho, wo, narrow, per_block, parts, copy, out, ws):
+                 a0, a1, ho, wo, narrow, per_block, parts, copy, grid1, out, ws):
     """Conv (two False: wt = pack_cols(weight (N, K))) or basis conv (two True: wt =
     pack_cols(basis (M, K)), ct = pack_cols(combine (N, M))) of one group of x (B, C, H, W),
     K = C*kh*kw, zero padding top pt and left pl to planes of Hq x Wq per stride phase, into
@@ -529,20 +530,27 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     images that it wrote in the layer before. A unit copies its block's input rows
     (_pad_planes) into its thread's scratch, or reads x itself (copy False: stride 1, unpadded,
     W' a multiple of TX). A basis conv first writes the block's basis responses (Mp, RB, ld),
-    then combines them by the same micro-kernel (a 1x1 conv of M channels over them).
+    then combines them by the same micro-kernel (a 1x1 conv of M channels over them). grid1
+    (stride 1, copy): the responses by the GEMM micro-kernel instead (wt = pack_rows(basis)),
+    MR basis filters x NR adjacent window corners of the block's input grid (rows of Wq corners,
+    the Wq - W' past each row computed and dropped), so that a few filters (M = 12) fill the
+    tile: the vectors run along the image, not the filters.
     ws: a row per thread: the stage (NR, NY, ld), ld = W' rounded up to TX; the responses (two
-    only), RB = per_block rounded up to NY; the block's input and a zero margin (copy only)."""
+    only): (Mp, RB, ld), RB = per_block rounded up to NY, or with grid1 (Mp, images, G), G = an
+    image's grid rows x Wq rounded up to NR; the block's input and a zero margin (copy only)."""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     NY, TX = DIRECT_TILES[1] if narrow else DIRECT_TILES[0]
     K = C * kh * kw
-    R1 = wt.size // K                   # stage-1 rows: N, or M rounded up to NR (two)
+    R1 = wt.size // K                   # stage-1 rows: N, or M rounded up to NR (MR: grid1)
     M = ct.size // (-(-N // NR) * NR) if two else 0     # combine panels are M rows deep
     ld = -(-wo // TX) * TX
     RB = -(-per_block // NY) * NY
     rows = B * ho
     halo = (kh - 1) * dh // sh          # phase-plane rows a window reaches below its corner
     bands = -(-ho // per_block)         # blocks per image, when bands
+    G = -(-min(ho, per_block) * Wq // NR) * NR          # grid1: an image's responses
+    S1 = (per_block // ho * G if per_block >= ho else G) if grid1 else RB * ld  # per filter
     blocks = -(-rows // per_block) if per_block >= ho else B * bands
     panels = -(-N // NR)
     units = blocks * parts
@@ -552,12 +560,12 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     rf = res.ravel()
     for t in prange(T):
         stage = ws[t, :NR * NY * ld]
-        s1 = ws[t, NR * NY * ld:NR * NY * ld + (R1 * RB * ld if two else 0)]
-        xb = ws[t, NR * NY * ld + (R1 * RB * ld if two else 0):] if copy else xf
+        s1 = ws[t, NR * NY * ld:NR * NY * ld + (R1 * S1 if two else 0)]
+        xb = ws[t, NR * NY * ld + (R1 * S1 if two else 0):] if copy else xf
         roff = np.empty(NY, np.intp)     # tile rows' window corners (past the last: the last)
         koff = np.empty(K, np.intp)      # tap (c, i, j)'s offset from a window corner
         roff1 = np.empty(NY, np.intp)    # two: the tile rows in the responses
-        koff1 = np.arange(M) * RB * ld   # two: response m's offset
+        koff1 = np.arange(M) * S1        # two: response m's offset
         for unit in range(t * units // T, (t + 1) * units // T):
             blk = unit // parts
             part = unit % parts
@@ -575,7 +583,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                 b1 = (r1 - 1) // ho + 1
                 _pad_planes(x, b0 * C, b1 * C, u0, Hb, pt, pl, sh, sw, Wq, xb)
                 end = (b1 - b0) * C * sh * sw * Hb * Wq
-                xb[end:end + TX + Wq] = 0.0  # the last tile's spare columns read past the end
+                xb[end:end + NR + Wq] = 0.0  # the last tile's spare columns read past the end
             else:
                 u0, Hb, b0 = 0, Hq, 0
             for k in range(K):
@@ -583,7 +591,13 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                 j = k % kw * dw
                 plane = (k // (kh * kw) * sh + i % sh) * sw + j % sw    # (channel, phase)
                 koff[k] = (plane * Hb + i // sh) * Wq + j // sw
-            if two:                      # the block's basis responses, each basis panel reused
+            if grid1:                    # the block's basis responses over its input grid
+                for s in range(R1 // MR):
+                    for img in range(-(-(r1 - r0) // ho)):
+                        for g0 in range(0, min(ho, r1 - r0) * Wq, NR):
+                            _micro(K, wt, s * K * MR, xb, img * C * Hb * Wq + g0, koff, 0, s1,
+                                   s * MR * S1 + img * G + g0, S1, False)
+            elif two:                    # the block's basis responses, each basis panel reused
                 for pb in range(R1 // NR):
                     for r in range(r0, r1, NY):
                         for y in range(NY):
@@ -596,7 +610,8 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                     for y in range(NY):
                         q = min(r + y, r1 - 1)
                         roff[y] = ((q // ho - b0) * C * sh * sw * Hb + q % ho - u0) * Wq
-                        roff1[y] = (q - r0) * ld
+                        roff1[y] = ((q // ho - b0) * G + (q % ho - u0) * Wq if grid1
+                                    else (q - r0) * ld)
                     if two:
                         _direct_row(narrow, M, s1, koff1, roff1, ct, panel * M * NR, stage, 0,
                                     NY * ld, ld, ld)
@@ -703,7 +718,7 @@ def plan_packed(B, cols, K, Np, Mp, T, grid):
 
 
 def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
-    """(narrow, rows per block, panel parts, copy, scratch per thread, MACs computed per MAC
+    """(narrow, rows per block, panel parts, copy, grid1, scratch per thread, MACs computed per MAC
     needed: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
     planes of one stride phase, padded: any zero padding, M the basis rank (None: a conv).
     Blocks: a thread's share of the images when the layer has more weights than input values
@@ -716,14 +731,19 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
     Tile: the shape computing fewest MACs (a block's last tile repeats rows), the narrow one's
     (fewer FMAs per load) counted DIRECT_NARROW_COST times (measured 1-3% slower per MAC).
     Copy: a task copies its block's input unless x can be read in place (stride 1, unpadded,
-    W' a multiple of TX)."""
+    W' a multiple of TX). Grid1 (basis convs at stride 1): the basis responses over the input
+    grid (filters rounded up to MR, Wq corners per output row) where that computes fewer MACs
+    than the tiles (filters rounded up to NR)."""
     image = C * sh * sw * Hq * Wq               # values of one image's padded input
     halo = (kh - 1) * dh // sh
-    up = lambda v: -(-v // NR) * NR             # noqa: E731
+    up = lambda v, r=NR: -(-v // r) * r         # noqa: E731
     need = K * N if M is None else (K + N) * M  # weights = MACs needed per position
-    per_row = K * up(N) if M is None else K * up(M) + M * up(N)      # MACs computed per position
+    per_row = K * up(N) if M is None else M * up(N)     # MACs computed per tile position
+    per_row1 = 0 if M is None else K * up(M)            # stage 1's, when by tiles
     best = None
-    for narrow, (NY, TX) in enumerate(DIRECT_TILES):
+    for narrow, grid1 in [(n, g) for n in (0, 1) for g in (False, True)
+                          if not g or (M is not None and sh == sw == 1)]:
+        NY, TX = DIRECT_TILES[narrow]
         if need > B * image or image <= DIRECT_BLOCK_VALUES:
             per = -(-B // T) if need > B * image else max(1, DIRECT_BLOCK_VALUES // image)
             per = next((p for p in range(per, 0, -1) if B % p == 0 and B // p % T == 0), per)
@@ -735,16 +755,22 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
             blocks, rows_in = B * -(-ho // per_block), min(Hq, per_block + halo)
             sizes = [per_block] * (ho // per_block) + ([ho % per_block] if ho % per_block else [])
             sizes = sizes * B
-        computed = sum(-(-r // NY) * NY for r in sizes) * -(-wo // TX) * TX * per_row
+        ld = -(-wo // TX) * TX
+        tiled = sum(-(-r // NY) * NY for r in sizes) * ld
+        G = up(min(ho, per_block) * Wq)         # grid1: an image's (or band's) responses
+        if grid1:
+            computed = tiled * per_row + sum(-(-r // ho) * up(min(ho, r) * Wq) for r in sizes) * K * up(M, MR)
+            responses = up(M, MR) * (per_block // ho * G if per_block >= ho else G)
+        else:
+            computed = tiled * (per_row + per_row1)
+            responses = 0 if M is None else up(M) * -(-per_block // NY) * NY * ld
         cost = computed * (DIRECT_NARROW_COST if narrow else 1.0)
         if best is None or cost < best[0]:
-            ld = -(-wo // TX) * TX
-            copy = bool(padded or sh * sw > 1 or wo % TX)
-            scratch = (NR * NY * ld                                       # the stage
-                       + (0 if M is None else up(M) * -(-per_block // NY) * NY * ld)
-                       + (C * sh * sw * rows_in * Wq + TX + Wq if copy else 0))
-            best = (cost, (narrow, per_block, min(-(-N // NR), -(-T // blocks)), copy, scratch,
-                           computed / (B * ho * wo * need)))
+            copy = bool(padded or sh * sw > 1 or wo % TX or grid1)
+            scratch = (NR * NY * ld + responses                           # stage, responses
+                       + (C * sh * sw * rows_in * Wq + NR + Wq if copy else 0))
+            best = (cost, (narrow, per_block, min(-(-N // NR), -(-T // blocks)), copy, grid1,
+                           scratch, computed / (B * ho * wo * need)))
     return best[1]
 
 
@@ -754,7 +780,7 @@ class ConvPlan(NamedTuple):
                       # or "batched" (whole batch)
     kn2row: bool      # basis stage 1 by kn2row (image / batched)
     grid: bool        # packed: the input read in place
-    split: tuple      # direct: (narrow, rows per block, parts, copy);
+    split: tuple      # direct: (narrow, rows per block, parts, copy, grid1);
                       # packed: (nch, parts); image: (bands per image,);
                       # batched: (images per group,)
     scratch: int      # kernel scratch values per thread (direct, packed, image) or per group
@@ -844,7 +870,7 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     two = w2 is not None
     N = w2.shape[0] if two else GM
     M = GM // groups if two else None
-    out = np.empty((B, N, ho * wo), np.float32)
+    out = empty((B, N, ho * wo))                      # (B, N, H'W'), recycled (buffers.py)
     code, a0, a1, done = act_code(act)
     res = residual
     if res is not None and (res.shape != (B, N, ho, wo) or res.dtype != np.float32):
@@ -868,7 +894,8 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
     if plan.how == "direct":
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
-        wt = _DERIVED.get(w1, "direct", lambda: pack_cols(w1m))
+        wt = (_DERIVED.get(w1, "packed", lambda: pack_rows(w1m)) if plan.split[4] else
+              _DERIVED.get(w1, "direct", lambda: pack_cols(w1m)))
         ct = _DERIVED.get(w2, "direct", lambda: pack_cols(w2)) if two else wt
         ws = np.empty((T, plan.scratch), np.float32)
         _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res3, has_res,
@@ -940,7 +967,7 @@ def linear_gemm(x, weight, bias=None, act=None, residual=None):
     """x (..., in) @ weight (out, in).T + bias, + residual, then activation `act`: the sgemm in
     Numba tasks (single-threaded BLAS each), the epilogue in NumPy (rows x out values)."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = np.empty((x2.shape[0], weight.shape[0]), np.float32)
+    y = empty((x2.shape[0], weight.shape[0]))        # (rows, out)
     T = threads() if weight.shape[0] >= 64 * threads() else 1
     _linear(x2, np.ascontiguousarray(weight), y, T)
     y = y.reshape(x.shape[:-1] + (weight.shape[0],))
