@@ -1,8 +1,8 @@
 """Pooling and reductions: max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean (PyTorch semantics).
 
 Fast paths: max_pool2d and avg_pool2d share one Numba kernel (_pool2d) with one prange task
-per (image, channel) plane; adaptive_avg_pool2d and mean are O(input) NumPy already
-(run = reference).
+per (image, channel) plane; adaptive_avg_pool2d over even windows one loop kernel
+(_even_means), else, like mean, O(input) NumPy (run = reference).
 Cost (other), counting the input elements each window really reads (taps over padding or past
 the input read nothing: unlike conv2d's, they are skipped, by the fast kernel too):
 max_pool2d one compare per in-bounds tap; avg_pool2d and adaptive_avg_pool2d one add per
@@ -50,6 +50,20 @@ def _box_sums_counted(x, y0, y1, x0, x1, out):
                         adds += 1
                 out[p, i, j] = acc
     return adds
+
+
+@njit(cache=True, parallel=True)
+def _even_means(x, kh, kw, out):
+    """out[p, i, j] = mean of x[p, i*kh:(i+1)*kh, j*kw:(j+1)*kw] over planes x (P, H, W), summed
+    in float64 as _box_means."""
+    for p in prange(x.shape[0]):
+        for i in range(out.shape[1]):
+            for j in range(out.shape[2]):
+                acc = 0.0
+                for yy in range(i * kh, (i + 1) * kh):
+                    for xx in range(j * kw, (j + 1) * kw):
+                        acc += x[p, yy, xx]
+                out[p, i, j] = acc / (kh * kw)
 
 
 def _box_means_counted(x, y0, y1, x0, x1, div) -> tuple[np.ndarray, Cost]:
@@ -377,14 +391,16 @@ class AdaptiveAvgPool2d(Op):
         return _box_means(x, *self.box(node, x.shape))
 
     def run(self, node, x):
-        """Windows that tile the input evenly (global pooling, H % H' == 0): reshaped sums in
-        float64, as the reference; else the reference."""
+        """Windows that tile the input evenly (global pooling, H % H' == 0): _even_means (NumPy's
+        float64 sums of a few values per row took 0.14 ms on ResNet-18's (16, 512, 4, 4)); else
+        the reference."""
         B, C, H, W = x.shape
         ho, wo = self.infer(node, [x.shape])[2:]
         if H % ho or W % wo:
             return self.reference(node, x)
-        s = x.reshape(B, C, ho, H // ho, wo, W // wo).sum(axis=(3, 5), dtype=np.float64)
-        return (s / ((H // ho) * (W // wo))).astype(np.float32)
+        out = empty((B, C, ho, wo))                     # (B, C, H', W')
+        _even_means(x.reshape(B * C, H, W), H // ho, W // wo, out.reshape(B * C, ho, wo))
+        return out
 
     def counted(self, node, x):
         return _box_means_counted(x, *self.box(node, x.shape))
