@@ -67,8 +67,7 @@ from numba.np.linalg import ensure_blas
 
 from ..buffers import empty
 from .activation import residual_then_act
-from .sgemm import (DIRECT_TILES, GRID1_ROWS, KC, MR, NR, _direct_narrow, _direct_wide, _micro,
-                    _micro_tall,
+from .sgemm import (DIRECT_TILES, KC, MR, NR, _direct_narrow, _direct_wide, _micro,
                     pack_cols, pack_rows, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
@@ -184,9 +183,7 @@ def _im2col(x, b, c0, c1, kh, kw, sh, sw, dh, dw, pt, pl, oy0, oy1, wo, cols, ba
                 cols[d0:d0 + (ya - oy0) * wo] = 0.0
                 cols[d0 + (yb - oy0) * wo:d0 + (oy1 - oy0) * wo] = 0.0
                 if same:
-                    if hi <= lo:                    # the tap reads padding only
-                        cols[d0 + (ya - oy0) * wo:d0 + (yb - oy0) * wo] = 0.0
-                    if yb == ya or hi <= lo:
+                    if yb == ya:
                         continue
                     s0 = plane + (ya - pt + i * dh) * W + off
                     d = d0 + (ya - oy0) * wo
@@ -534,11 +531,10 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     (_pad_planes) into its thread's scratch, or reads x itself (copy False: stride 1, unpadded,
     W' a multiple of TX). A basis conv first writes the block's basis responses (Mp, RB, ld),
     then combines them by the same micro-kernel (a 1x1 conv of M channels over them). grid1
-    (stride 1, copy; 0: off): the responses by the GEMM micro-kernel instead, grid1 (MR or
-    MR + 1) basis filters (wt = pack_rows(basis, height=grid1)) x NR adjacent window corners of
-    the block's input grid (rows of Wq corners, the Wq - W' past each row computed and
-    dropped): the vectors run along the image, not the filters, so that few filters (M = 12,
-    25 = 2 x 13) fill the tiles.
+    (stride 1, copy): the responses by the GEMM micro-kernel instead (wt = pack_rows(basis)),
+    MR basis filters x NR adjacent window corners of the block's input grid (rows of Wq corners,
+    the Wq - W' past each row computed and dropped), so that a few filters (M = 12) fill the
+    tile: the vectors run along the image, not the filters.
     ws: a row per thread: the stage (NR, NY, ld), ld = W' rounded up to TX; the responses (two
     only): (Mp, RB, ld), RB = per_block rounded up to NY, or with grid1 (Mp, images, G), G = an
     image's grid rows x Wq rounded up to NR; the block's input and a zero margin (copy only)."""
@@ -546,7 +542,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     N, P = out.shape[1], out.shape[2]
     NY, TX = DIRECT_TILES[1] if narrow else DIRECT_TILES[0]
     K = C * kh * kw
-    R1 = wt.size // K                   # stage-1 rows: N, or M rounded up to NR (grid1)
+    R1 = wt.size // K                   # stage-1 rows: N, or M rounded up to NR (MR: grid1)
     M = ct.size // (-(-N // NR) * NR) if two else 0     # combine panels are M rows deep
     ld = -(-wo // TX) * TX
     RB = -(-per_block // NY) * NY
@@ -595,20 +591,12 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                 j = k % kw * dw
                 plane = (k // (kh * kw) * sh + i % sh) * sw + j % sw    # (channel, phase)
                 koff[k] = (plane * Hb + i // sh) * Wq + j // sw
-            if grid1:                    # the block's basis responses over its input grid,
-                for k0 in range(0, K, KC):   # KC taps at a time (their weights stay in L1)
-                    kc = min(KC, K - k0)
-                    for s in range(R1 // grid1):
-                        for img in range(-(-(r1 - r0) // ho)):
-                            for g0 in range(0, min(ho, r1 - r0) * Wq, NR):
-                                x0 = img * C * Hb * Wq + g0
-                                o1 = s * grid1 * S1 + img * G + g0
-                                if grid1 == MR:
-                                    _micro(kc, wt, (s * K + k0) * MR, xb, x0, koff, k0, s1, o1,
-                                           S1, k0 > 0)
-                                else:
-                                    _micro_tall(kc, wt, (s * K + k0) * grid1, xb, x0, koff, k0,
-                                                s1, o1, S1, k0 > 0)
+            if grid1:                    # the block's basis responses over its input grid
+                for s in range(R1 // MR):
+                    for img in range(-(-(r1 - r0) // ho)):
+                        for g0 in range(0, min(ho, r1 - r0) * Wq, NR):
+                            _micro(K, wt, s * K * MR, xb, img * C * Hb * Wq + g0, koff, 0, s1,
+                                   s * MR * S1 + img * G + g0, S1, False)
             elif two:                    # the block's basis responses, each basis panel reused
                 for pb in range(R1 // NR):
                     for r in range(r0, r1, NY):
@@ -744,8 +732,8 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
     (fewer FMAs per load) counted DIRECT_NARROW_COST times (measured 1-3% slower per MAC).
     Copy: a task copies its block's input unless x can be read in place (stride 1, unpadded,
     W' a multiple of TX). Grid1 (basis convs at stride 1): the basis responses over the input
-    grid (filters rounded up to a panel height in GRID1_ROWS, Wq corners per output row) where
-    that computes fewer MACs than the tiles (filters rounded up to NR); 0 when not."""
+    grid (filters rounded up to MR, Wq corners per output row) where that computes fewer MACs
+    than the tiles (filters rounded up to NR)."""
     image = C * sh * sw * Hq * Wq               # values of one image's padded input
     halo = (kh - 1) * dh // sh
     up = lambda v, r=NR: -(-v // r) * r         # noqa: E731
@@ -753,7 +741,7 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
     per_row = K * up(N) if M is None else M * up(N)     # MACs computed per tile position
     per_row1 = 0 if M is None else K * up(M)            # stage 1's, when by tiles
     best = None
-    for narrow, grid1 in [(n, g) for n in (0, 1) for g in (0,) + GRID1_ROWS
+    for narrow, grid1 in [(n, g) for n in (0, 1) for g in (False, True)
                           if not g or (M is not None and sh == sw == 1)]:
         NY, TX = DIRECT_TILES[narrow]
         if need > B * image or image <= DIRECT_BLOCK_VALUES:
@@ -771,9 +759,8 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
         tiled = sum(-(-r // NY) * NY for r in sizes) * ld
         G = up(min(ho, per_block) * Wq)         # grid1: an image's (or band's) responses
         if grid1:
-            grids = sum(-(-r // ho) * up(min(ho, r) * Wq) for r in sizes)   # corners computed
-            computed = tiled * per_row + grids * K * up(M, grid1)
-            responses = up(M, grid1) * (per_block // ho * G if per_block >= ho else G)
+            computed = tiled * per_row + sum(-(-r // ho) * up(min(ho, r) * Wq) for r in sizes) * K * up(M, MR)
+            responses = up(M, MR) * (per_block // ho * G if per_block >= ho else G)
         else:
             computed = tiled * (per_row + per_row1)
             responses = 0 if M is None else up(M) * -(-per_block // NY) * NY * ld
@@ -793,7 +780,7 @@ class ConvPlan(NamedTuple):
                       # or "batched" (whole batch)
     kn2row: bool      # basis stage 1 by kn2row (image / batched)
     grid: bool        # packed: the input read in place
-    split: tuple      # direct: (narrow, rows per block, parts, copy, grid1 panel height or 0);
+    split: tuple      # direct: (narrow, rows per block, parts, copy, grid1);
                       # packed: (nch, parts); image: (bands per image,);
                       # batched: (images per group,)
     scratch: int      # kernel scratch values per thread (direct, packed, image) or per group
@@ -907,9 +894,8 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
     if plan.how == "direct":
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
-        grid1 = plan.split[4]
-        wt = (_DERIVED.get(w1, ("grid1", grid1), lambda: pack_rows(w1m, height=grid1)) if grid1
-              else _DERIVED.get(w1, "direct", lambda: pack_cols(w1m)))
+        wt = (_DERIVED.get(w1, "packed", lambda: pack_rows(w1m)) if plan.split[4] else
+              _DERIVED.get(w1, "direct", lambda: pack_cols(w1m)))
         ct = _DERIVED.get(w2, "direct", lambda: pack_cols(w2)) if two else wt
         ws = np.empty((T, plan.scratch), np.float32)
         _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res3, has_res,

@@ -117,53 +117,42 @@ def _codegen_helpers(context, builder):
     return ptr, const, vec_at
 
 
-def _gemm_micro(H):
-    """The GEMM's register tile of H rows (MR; the direct conv's basis grid also takes MR + 1)
-    as an intrinsic: c[oc + i*ldc + j] (+= when add) sum_p a[oa + p*H + i] *
-    b[ob + boff[obf + p] + j] for i < H, j < NR, p < k. B's rows are NR contiguous values
-    anywhere in b (boff: p*NR for a packed micro-panel, the taps' offsets when the conv reads
-    its input in place)."""
-    @intrinsic
-    def micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t, add_t):
-        sig = types.void(types.intp, a_t, types.intp, b_t, types.intp, boff_t, types.intp, c_t,
-                         types.intp, types.intp, types.boolean)
+@intrinsic
+def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t, add_t):
+    """c[oc + i*ldc + j] (+= when add) sum_p a[oa + p*MR + i] * b[ob + boff[obf + p] + j] for
+    i < MR, j < NR, p < k: the GEMM's register tile. B's rows are NR contiguous values anywhere
+    in b (boff: p*NR for a packed micro-panel, the taps' offsets when the conv reads its input
+    in place)."""
+    sig = types.void(types.intp, a_t, types.intp, b_t, types.intp, boff_t, types.intp, c_t,
+                     types.intp, types.intp, types.boolean)
 
-        def codegen(context, builder, signature, args):
-            k, a, oa, b, ob, boff, obf, c, oc, ldc, add = args
-            ptr, const, vec_at = _codegen_helpers(context, builder)
-            ap, bp, cp = ptr(a_t, a, oa), ptr(b_t, b, ob), ptr(c_t, c, oc)
-            op = ptr(boff_t, boff, obf)
+    def codegen(context, builder, signature, args):
+        k, a, oa, b, ob, boff, obf, c, oc, ldc, add = args
+        ptr, const, vec_at = _codegen_helpers(context, builder)
+        ap, bp, cp, op = ptr(a_t, a, oa), ptr(b_t, b, ob), ptr(c_t, c, oc), ptr(boff_t, boff, obf)
 
-            def lanes(p):
-                return [builder.load(builder.gep(ap, [builder.add(builder.mul(p, const(H)),
-                                                                  const(i))])) for i in range(H)]
+        def lanes(p):
+            return [builder.load(builder.gep(ap, [builder.add(builder.mul(p, const(MR)),
+                                                              const(i))])) for i in range(MR)]
 
-            def rows(p):
-                row = builder.gep(bp, [builder.load(builder.gep(op, [p]))])
-                return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
-            acc = _tile_loop(context, builder, k, H, lanes, rows)
-            vec_ptr = acc[0].type.as_pointer()
-            dst = [builder.bitcast(builder.gep(cp, [builder.add(builder.mul(const(i), ldc),
-                                                                const(v * VW))]), vec_ptr)
-                   for i in range(H) for v in range(2)]
-            with builder.if_else(add) as (then, otherwise):
-                with then:
-                    for d, s in zip(dst, acc):
-                        builder.store(builder.fadd(builder.load(d, align=4), s), d, align=4)
-                with otherwise:
-                    for d, s in zip(dst, acc):
-                        builder.store(s, d, align=4)
-            return context.get_dummy_value()
+        def rows(p):
+            row = builder.gep(bp, [builder.load(builder.gep(op, [p]))])
+            return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
+        acc = _tile_loop(context, builder, k, MR, lanes, rows)
+        vec_ptr = acc[0].type.as_pointer()
+        dst = [builder.bitcast(builder.gep(cp, [builder.add(builder.mul(const(i), ldc),
+                                                            const(v * VW))]), vec_ptr)
+               for i in range(MR) for v in range(2)]
+        with builder.if_else(add) as (then, otherwise):
+            with then:
+                for d, s in zip(dst, acc):
+                    builder.store(builder.fadd(builder.load(d, align=4), s), d, align=4)
+            with otherwise:
+                for d, s in zip(dst, acc):
+                    builder.store(s, d, align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
-    return micro
-
-
-_micro = _gemm_micro(MR)
-_micro_tall = _gemm_micro(MR + 1)
-# basis grid panel heights (ops/gemm.py plan_direct): MR + 1 rows need 2*(MR + 1) + 3 vector
-# registers, which only AVX-512's 32 hold
-GRID1_ROWS = (MR, MR + 1) if VW == 16 else (MR,)
+    return sig, codegen
 
 
 def _transposed(builder, vecs):
@@ -340,16 +329,16 @@ def sgemm_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
 
 
-def pack_rows(w: np.ndarray, k_pad: int = 0, height: int = MR) -> np.ndarray:
-    """w (m, k) as micro-panels `height` (MR) rows tall over all of k, for the kernels that keep
-    a weight packed: (ceil(m/h) * max(k, k_pad) * h) with [(s*K + p)*h + i] = w[s*h + i, p],
-    zero past row m and past column k (K = max(k, k_pad))."""
+def pack_rows(w: np.ndarray, k_pad: int = 0) -> np.ndarray:
+    """w (m, k) as MR-tall micro-panels over all of k, for the kernels that keep a weight packed:
+    (ceil(m/MR) * max(k, k_pad) * MR) with [(s*K + p)*MR + i] = w[s*MR + i, p], zero past row m
+    and past column k (K = max(k, k_pad))."""
     m, k = w.shape
     K = max(k, k_pad)
-    panels = -(-m // height)
-    out = np.zeros((panels * height, K), np.float32)
+    panels = -(-m // MR)
+    out = np.zeros((panels * MR, K), np.float32)
     out[:m, :k] = w
-    return np.ascontiguousarray(out.reshape(panels, height, K).transpose(0, 2, 1)).ravel()
+    return np.ascontiguousarray(out.reshape(panels, MR, K).transpose(0, 2, 1)).ravel()
 
 
 def pack_cols(w: np.ndarray) -> np.ndarray:
