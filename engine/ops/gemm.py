@@ -183,7 +183,9 @@ def _im2col(x, b, c0, c1, kh, kw, sh, sw, dh, dw, pt, pl, oy0, oy1, wo, cols, ba
                 cols[d0:d0 + (ya - oy0) * wo] = 0.0
                 cols[d0 + (yb - oy0) * wo:d0 + (oy1 - oy0) * wo] = 0.0
                 if same:
-                    if yb == ya:
+                    if hi <= lo:                    # the tap reads padding only
+                        cols[d0 + (ya - oy0) * wo:d0 + (yb - oy0) * wo] = 0.0
+                    if yb == ya or hi <= lo:
                         continue
                     s0 = plane + (ya - pt + i * dh) * W + off
                     d = d0 + (ya - oy0) * wo
