@@ -173,7 +173,15 @@ def test_other_padding_modes(mode):
     close(OPS["basis_conv2d"].run(bnode, x), OPS["basis_conv2d"].reference(bnode, x))
 
 
-def test_batch_groups_and_bands(monkeypatch):
+@pytest.fixture
+def fresh_plans():
+    """Plans made under this test's caps are forgotten before and after it."""
+    gemm.planned.cache_clear()
+    yield
+    gemm.planned.cache_clear()
+
+
+def test_batch_groups_and_bands(monkeypatch, fresh_plans):
     """Tiny caps: batched convs run in groups of images, per-image convs in many bands."""
     monkeypatch.setattr(gemm, "BATCH_COLS_CAP", 300)
     monkeypatch.setattr(gemm, "COLS_CAP", 500)

@@ -55,6 +55,7 @@ rounding of the unfused ops (conv, add, activation); NaN propagates as in NumPy.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -861,6 +862,13 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
     return ConvPlan("batched", kn2row, False, (min(B, per),), min(B, per) * per_image, 0)
 
 
+@functools.lru_cache(maxsize=4096)
+def planned(*args) -> ConvPlan:
+    """plan_conv(*args), remembered (its arithmetic took 9-18 us a call: 10% of a batch-1
+    BasisConv VGG-16); args hashable. Tests that change the plan's caps clear it."""
+    return plan_conv(*args)
+
+
 def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, act=None,
               residual=None):
     """conv2d (w2 None: w1 (N, C/G, kh, kw)) or basis conv (w1 basis (G*M, C/G, kh, kw),
@@ -891,7 +899,8 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     w1m = w1.reshape(GM, Cg * kh * kw)
     w2m = w2 if two else _NO_W2
     T = threads()
-    plan = plan_conv(x.shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M)
+    plan = planned(x.shape, N, kh, kw, ho, wo, tuple(stride), tuple(padding), tuple(dilation),
+                   groups, M)
     P = ho * wo
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
     if plan.how == "direct":
