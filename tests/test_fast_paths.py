@@ -73,6 +73,8 @@ CASES = [
     (2, 16, 64, 15, 16, 3, 3, (1, 1), (2, 1, 2, 1), (2, 1), 1),   # direct, dilated
     (4, 36, 40, 14, 14, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # direct, basis grid, 2 images
     (1, 8, 24, 28, 1, 3, 2, (1, 1), (1, 0, 0, 2), (2, 2), 1),     # a tap reading padding only
+    (2, 3, 24, 16, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # direct conv over the grid
+    (2, 3, 24, 90, 90, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # direct conv over the grid, bands
 ]
 
 
@@ -124,8 +126,8 @@ def test_cases_cover_every_conv_path():
                          ("direct", "copy", copy), ("direct", "bands", per_block < ho),
                          ("direct", "stride", stride != (1, 1)), ("direct", "basis", bool(M))}
                 if grid1:
-                    seen.add(("direct", "grid1", "images" if per_block > ho else
-                              "bands" if per_block < ho else "image"))
+                    seen.add(("direct", "grid1" if M else "grid conv", "images" if per_block > ho
+                              else "bands" if per_block < ho else "image"))
             elif plan.how == "packed":
                 seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
             else:
@@ -134,7 +136,8 @@ def test_cases_cover_every_conv_path():
             ("direct", "wide"), ("direct", "narrow"), ("direct", "parts", True),
             ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True),
             ("direct", "basis", True), ("direct", "grid1", "images"),
-            ("direct", "grid1", "bands"), ("direct", "grid1", "image")} <= seen
+            ("direct", "grid1", "bands"), ("direct", "grid1", "image"),
+            ("direct", "grid conv", "bands"), ("direct", "grid conv", "image")} <= seen
 
 
 @pytest.mark.parametrize("m,n,k,tb", [(1, 1, 1, False), (12, 32, 256, False), (13, 33, 257, True),

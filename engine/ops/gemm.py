@@ -138,30 +138,33 @@ def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
 
 
 @njit(cache=True)
-def _finish(dst, od, src, os_, n, bv, res, orr, has_res, act, a0, a1):
-    """dst[od + q] = act(src[os_ + q] + bv (+ res[orr + q])) for q < n (dst may be src).
-    Unsigned indices (no wrap-around checks) and no views (their set-up costs more than a
-    short row), so that the loops vectorize."""
+def _finish(dst, od, src, os_, n, bv, res, orr, has_res, act, a0, a1, rows=1, ldd=0, lds=0):
+    """dst[od + r*ldd + q] = act(src[os_ + r*lds + q] + bv (+ res[orr + r*ldd + q])) for q < n,
+    r < rows (dst may be src). Unsigned indices (no wrap-around checks) and no views (their
+    set-up costs more than a short row), so that the loops vectorize."""
     lo = np.float32(a0)
     hi = np.float32(a1)
-    if has_res:
-        for q in range(n):
-            dst[np.uintp(od + q)] = (src[np.uintp(os_ + q)] + bv) + res[np.uintp(orr + q)]
-    else:
-        for q in range(n):
-            dst[np.uintp(od + q)] = src[np.uintp(os_ + q)] + bv
-    if act == 1:
-        for q in range(n):
-            v = dst[np.uintp(od + q)]
-            dst[np.uintp(od + q)] = np.float32(0.0) if v < 0 else v
-    elif act == 2:
-        for q in range(n):
-            v = dst[np.uintp(od + q)]
-            dst[np.uintp(od + q)] = lo if v < lo else (hi if v > hi else v)
-    elif act == 3:
-        for q in range(n):
-            v = dst[np.uintp(od + q)]
-            dst[np.uintp(od + q)] = v * lo if v < 0 else v
+    for r in range(rows):
+        d = od + r * ldd
+        if has_res:
+            e = orr + r * ldd
+            for q in range(n):
+                dst[np.uintp(d + q)] = (src[np.uintp(os_ + r * lds + q)] + bv) + res[np.uintp(e + q)]
+        else:
+            for q in range(n):
+                dst[np.uintp(d + q)] = src[np.uintp(os_ + r * lds + q)] + bv
+        if act == 1:
+            for q in range(n):
+                v = dst[np.uintp(d + q)]
+                dst[np.uintp(d + q)] = np.float32(0.0) if v < 0 else v
+        elif act == 2:
+            for q in range(n):
+                v = dst[np.uintp(d + q)]
+                dst[np.uintp(d + q)] = lo if v < lo else (hi if v > hi else v)
+        elif act == 3:
+            for q in range(n):
+                v = dst[np.uintp(d + q)]
+                dst[np.uintp(d + q)] = v * lo if v < 0 else v
 
 
 @njit(cache=True)
@@ -541,7 +544,9 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     (stride 1, copy): the responses by the GEMM micro-kernel instead (wt = pack_rows(basis)),
     MR basis filters x NR adjacent window corners of the block's input grid (rows of Wq corners,
     the Wq - W' past each row computed and dropped), so that a few filters (M = 12) fill the
-    tile: the vectors run along the image, not the filters.
+    tile: the vectors run along the image, not the filters. A conv with grid1 (wt =
+    pack_rows(weight)) is that stage alone, its responses the output (K < DIRECT_MIN_K: first
+    layers), their rows finished straight from the responses.
     ws: a row per thread: the stage (NR, NY, ld), ld = W' rounded up to TX; the responses (two
     only): (Mp, RB, ld), RB = per_block rounded up to NY, or with grid1 (Mp, images, G), G = an
     image's grid rows x Wq rounded up to NR; the block's input and a zero margin (copy only)."""
@@ -549,7 +554,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     N, P = out.shape[1], out.shape[2]
     NY, TX = DIRECT_TILES[1] if narrow else DIRECT_TILES[0]
     K = C * kh * kw
-    R1 = wt.size // K                   # stage-1 rows: N, or M rounded up to NR (MR: grid1)
+    R1 = wt.size // K                   # stage-1 rows: N or M, rounded up to NR (MR: grid1)
     M = ct.size // (-(-N // NR) * NR) if two else 0     # combine panels are M rows deep
     ld = -(-wo // TX) * TX
     RB = -(-per_block // NY) * NY
@@ -567,8 +572,8 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     rf = res.ravel()
     for t in prange(T):
         stage = ws[t, :NR * NY * ld]
-        s1 = ws[t, NR * NY * ld:NR * NY * ld + (R1 * S1 if two else 0)]
-        xb = ws[t, NR * NY * ld + (R1 * S1 if two else 0):] if copy else xf
+        s1 = ws[t, NR * NY * ld:NR * NY * ld + (R1 * S1 if two or grid1 else 0)]
+        xb = ws[t, NR * NY * ld + (R1 * S1 if two or grid1 else 0):] if copy else xf
         roff = np.empty(NY, np.intp)     # tile rows' window corners (past the last: the last)
         koff = np.empty(K, np.intp)      # tap (c, i, j)'s offset from a window corner
         roff1 = np.empty(NY, np.intp)    # two: the tile rows in the responses
@@ -612,6 +617,13 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                             roff[y] = ((q // ho - b0) * C * sh * sw * Hb + q % ho - u0) * Wq
                         _direct_row(narrow, K, xb, koff, roff, wt, pb * K * NR, s1,
                                     (pb * NR * RB + r - r0) * ld, RB * ld, ld, ld)
+            if grid1 and not two:        # a conv over the grid: its responses are the output
+                for n in range(N):
+                    for q in range(r0, r1, ho if per_block >= ho else r1 - r0):   # images
+                        o = (q // ho * N + n) * P + q % ho * wo
+                        _finish(of, o, s1, n * S1 + (q // ho - b0) * G + (q % ho - u0) * Wq, wo,
+                                bias[n], rf, o, has_res, act, a0, a1, min(ho, r1 - r0), wo, Wq)
+                continue
             for panel in range(part * panels // parts, (part + 1) * panels // parts):
                 for r in range(r0, r1, NY):
                     for y in range(NY):
@@ -629,12 +641,14 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                     for j in range(min(NR, N - panel * NR)):
                         n = panel * NR + j
                         y = 0
-                        while y < ny:    # runs of rows of one image, adjacent in out when ld == W'
-                            q = r + y
-                            run = min(ny - y, ho - q % ho) if ld == wo else 1
+                        while y < ny:    # runs of rows of one image (one row of values
+                            q = r + y    # when ld == W': adjacent in the stage too)
+                            run = min(ny - y, ho - q % ho)
                             o = (q // ho * N + n) * P + q % ho * wo
-                            _finish(of, o, stage, (j * NY + y) * ld, run * wo, bias[n], rf, o,
-                                    has_res, act, a0, a1)
+                            whole = ld == wo
+                            _finish(of, o, stage, (j * NY + y) * ld, run * wo if whole else wo,
+                                    bias[n], rf, o, has_res, act, a0, a1, 1 if whole else run,
+                                    wo, ld)
                             y += run
 
 
@@ -724,7 +738,7 @@ def plan_packed(B, cols, K, Np, Mp, T, grid):
     return nch, parts, per_column * nch
 
 
-def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
+def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, tiles=True):
     """(narrow, rows per block, panel parts, copy, grid1, scratch per thread, MACs computed per MAC
     needed: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
     planes of one stride phase, padded: any zero padding, M the basis rank (None: a conv).
@@ -738,9 +752,10 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
     Tile: the shape computing fewest MACs (a block's last tile repeats rows), the narrow one's
     (fewer FMAs per load) counted DIRECT_NARROW_COST times (measured 1-3% slower per MAC).
     Copy: a task copies its block's input unless x can be read in place (stride 1, unpadded,
-    W' a multiple of TX). Grid1 (basis convs at stride 1): the basis responses over the input
-    grid (filters rounded up to MR, Wq corners per output row) where that computes fewer MACs
-    than the tiles (filters rounded up to NR)."""
+    W' a multiple of TX). Grid1 (stride 1): the basis responses, or a conv's output, over the
+    input grid (filters rounded up to MR, Wq corners per output row) where that computes fewer
+    MACs than the tiles (filters rounded up to NR), or always when the tiles may not be used
+    (tiles False: a conv with K < DIRECT_MIN_K); its blocks are sized with the responses."""
     image = C * sh * sw * Hq * Wq               # values of one image's padded input
     halo = (kh - 1) * dh // sh
     up = lambda v, r=NR: -(-v // r) * r         # noqa: E731
@@ -749,15 +764,19 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
     per_row1 = 0 if M is None else K * up(M)            # stage 1's, when by tiles
     best = None
     for narrow, grid1 in [(n, g) for n in (0, 1) for g in (False, True)
-                          if not g or (M is not None and sh == sw == 1)]:
+                          if (tiles or g) and (not g or sh == sw == 1)]:
         NY, TX = DIRECT_TILES[narrow]
-        if need > B * image or image <= DIRECT_BLOCK_VALUES:
-            per = -(-B // T) if need > B * image else max(1, DIRECT_BLOCK_VALUES // image)
+        # values a block holds per image: its input, and with grid1 its responses too
+        grid_row = up(N if M is None else M, MR) * Wq if grid1 else 0   # responses per row
+        held = image + (up(ho * grid_row) if grid1 else 0)
+        if need > B * image or held <= DIRECT_BLOCK_VALUES:
+            per = -(-B // T) if need > B * image else min(B, max(1, DIRECT_BLOCK_VALUES // held))
             per = next((p for p in range(per, 0, -1) if B % p == 0 and B // p % T == 0), per)
             per_block, blocks, rows_in = per * ho, -(-B // per), min(B, per) * Hq
             sizes = [per * ho] * (B // per) + ([B % per * ho] if B % per else [])
         else:
-            band = max(NY, (DIRECT_BLOCK_VALUES // (C * sh * sw * Wq) - halo) // NY * NY)
+            band = max(NY, (DIRECT_BLOCK_VALUES // (C * sh * sw * Wq + grid_row) - halo)
+                       // NY * NY)
             per_block = -(-ho // (-(-ho // band) * NY)) * NY     # even bands of whole tiles
             blocks, rows_in = B * -(-ho // per_block), min(Hq, per_block + halo)
             sizes = [per_block] * (ho // per_block) + ([ho % per_block] if ho % per_block else [])
@@ -766,8 +785,10 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
         tiled = sum(-(-r // NY) * NY for r in sizes) * ld
         G = up(min(ho, per_block) * Wq)         # grid1: an image's (or band's) responses
         if grid1:
-            computed = tiled * per_row + sum(-(-r // ho) * up(min(ho, r) * Wq) for r in sizes) * K * up(M, MR)
-            responses = up(M, MR) * (per_block // ho * G if per_block >= ho else G)
+            R1 = up(N if M is None else M, MR)           # rows of the grid's responses
+            computed = ((0 if M is None else tiled * per_row)
+                        + sum(-(-r // ho) * up(min(ho, r) * Wq) for r in sizes) * K * R1)
+            responses = R1 * (per_block // ho * G if per_block >= ho else G)
         else:
             computed = tiled * (per_row + per_row1)
             responses = 0 if M is None else up(M) * -(-per_block // NY) * NY * ld
@@ -776,8 +797,9 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None):
             copy = bool(padded or sh * sw > 1 or wo % TX or grid1)
             scratch = (NR * NY * ld + responses                           # stage, responses
                        + (C * sh * sw * rows_in * Wq + NR + Wq if copy else 0))
-            best = (cost, (narrow, per_block, min(-(-N // NR), -(-T // blocks)), copy, grid1,
-                           scratch, computed / (B * ho * wo * need)))
+            parts = -(-T // blocks) if grid1 else min(-(-N // NR), -(-T // blocks))
+            best = (cost, (narrow, per_block, parts, copy, grid1, scratch,
+                           computed / (B * ho * wo * need)))
     return best[1]
 
 
@@ -809,7 +831,10 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                whatever they compute). 440-490 GFLOP/s on VGG's 3x3 layers from 32x32 to 4x4,
                where the packed path ran at 330-410 (no gather, no row-panel waste, the
                epilogue on stage rows in cache); basis convs 1.1-1.5x faster than packed at
-               batch 16 (8x8, 4x4, and 32x32 at stride 2).
+               batch 16 (8x8, 4x4, and 32x32 at stride 2). Over the input grid (grid1): basis
+               convs with few filters (M = 12 at 32x32: 1.9x faster than kn2row) and convs at
+               stride 1 with K < DIRECT_MIN_K (VGG's first conv 3 -> 64 at 32x32, batch 16:
+               0.46 -> 0.22 ms), when there are at least as many blocks as threads.
       packed   one group, at least NR columns, except basis convs whose stage 1 runs by kn2row
                per image (P >= PER_IMAGE_MIN): kn2row reads each input value once where im2col
                gathers it kh*kw times, which with few basis filters costs more than the multiply
@@ -825,18 +850,19 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
     Kg = C // groups * kh * kw
     kn2row = use_kn2row(C // groups, M, stride)
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
-    if groups == 1 and Kg >= DIRECT_MIN_K and kh >= stride[0] and kw >= stride[1]:
+    if (groups == 1 and kh >= stride[0] and kw >= stride[1]
+            and (Kg >= DIRECT_MIN_K or tuple(stride) == (1, 1))):
         sh, sw = stride
         dh = dilation[0]
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
         *split, scratch, waste = plan_direct(B, C, ho, wo, N, Kg, kh, dh, sh, sw, Hq, Wq,
-                                             any(padding), T, M)
+                                             any(padding), T, M, Kg >= DIRECT_MIN_K)
         # A conv's waste is cheap where each weight meets few outputs (the weights' stream sets
         # the time; not so for basis convs: batched kn2row 1.6x faster at 2x2, batch 2). Basis
         # convs with fewer blocks than threads would repeat stage 1 in each part: 1.2-1.8x
         # slower than the other paths at batch 1, also when run as two direct convs.
         if ((waste <= DIRECT_WASTE or (M is None and B * P <= DIRECT_STREAMED))
-                and (M is None or split[2] == 1)):
+                and (M is None and not split[4] or split[2] == 1)):   # grid1: blocks >= T
             return ConvPlan("direct", False, False, tuple(split), scratch, 0)
     if groups == 1 and B * P >= NR and not (kn2row and P >= PER_IMAGE_MIN):
         grid = (tuple(stride) == (1, 1) and Kg >= KC
