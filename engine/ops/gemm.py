@@ -544,18 +544,21 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     (stride 1, copy): the responses by the GEMM micro-kernel instead (wt = pack_rows(basis)),
     MR basis filters x NR adjacent window corners of the block's input grid (rows of Wq corners,
     the Wq - W' past each row computed and dropped), so that a few filters (M = 12) fill the
-    tile: the vectors run along the image, not the filters. A conv with grid1 (wt =
-    pack_rows(weight)) is that stage alone, its responses the output (K < DIRECT_MIN_K: first
-    layers), their rows finished straight from the responses.
-    ws: a row per thread: the stage (NR, NY, ld), ld = W' rounded up to TX; the responses (two
-    only): (Mp, RB, ld), RB = per_block rounded up to NY, or with grid1 (Mp, images, G), G = an
-    image's grid rows x Wq rounded up to NR; the block's input and a zero margin (copy only)."""
+    tile: the vectors run along the image, not the filters; the combine then runs over the
+    grid too (ct = pack_rows(combine)), MR output channels at a time into the stage (MR, S1),
+    whose rows get the epilogue. A conv with grid1 (wt = pack_rows(weight)) is the first stage
+    alone, its responses the output (K < DIRECT_MIN_K: first layers).
+    ws: a row per thread: the stage (NR, NY, ld), ld = W' rounded up to TX, or with grid1
+    (MR, S1); the responses (two or grid1): (Mp, RB, ld), RB = per_block rounded up to NY, or
+    with grid1 (Mp, S1), S1 = images x G, G = an image's grid rows x Wq rounded up to NR; the
+    block's input and a zero margin (copy only)."""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     NY, TX = DIRECT_TILES[1] if narrow else DIRECT_TILES[0]
     K = C * kh * kw
     R1 = wt.size // K                   # stage-1 rows: N or M, rounded up to NR (MR: grid1)
-    M = ct.size // (-(-N // NR) * NR) if two else 0     # combine panels are M rows deep
+    M = ct.size // (-(-N // (MR if grid1 else NR)) * (MR if grid1 else NR)) if two else 0
+    # (the combine's panels are M rows deep)
     ld = -(-wo // TX) * TX
     RB = -(-per_block // NY) * NY
     rows = B * ho
@@ -571,9 +574,10 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     of = out.ravel()
     rf = res.ravel()
     for t in prange(T):
-        stage = ws[t, :NR * NY * ld]
-        s1 = ws[t, NR * NY * ld:NR * NY * ld + (R1 * S1 if two or grid1 else 0)]
-        xb = ws[t, NR * NY * ld + (R1 * S1 if two or grid1 else 0):] if copy else xf
+        st = MR * S1 if grid1 else NR * NY * ld
+        stage = ws[t, :st]
+        s1 = ws[t, st:st + (R1 * S1 if two or grid1 else 0)]
+        xb = ws[t, st + (R1 * S1 if two or grid1 else 0):] if copy else xf
         roff = np.empty(NY, np.intp)     # tile rows' window corners (past the last: the last)
         koff = np.empty(K, np.intp)      # tap (c, i, j)'s offset from a window corner
         roff1 = np.empty(NY, np.intp)    # two: the tile rows in the responses
@@ -617,12 +621,21 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                             roff[y] = ((q // ho - b0) * C * sh * sw * Hb + q % ho - u0) * Wq
                         _direct_row(narrow, K, xb, koff, roff, wt, pb * K * NR, s1,
                                     (pb * NR * RB + r - r0) * ld, RB * ld, ld, ld)
-            if grid1 and not two:        # a conv over the grid: its responses are the output
-                for n in range(N):
-                    for q in range(r0, r1, ho if per_block >= ho else r1 - r0):   # images
-                        o = (q // ho * N + n) * P + q % ho * wo
-                        _finish(of, o, s1, n * S1 + (q // ho - b0) * G + (q % ho - u0) * Wq, wo,
-                                bias[n], rf, o, has_res, act, a0, a1, min(ho, r1 - r0), wo, Wq)
+            if grid1:                    # MR output channels at a time over the grid: a
+                for s in range(-(-N // MR)):     # conv's responses, or their combine in stage
+                    if two:
+                        for img in range(-(-(r1 - r0) // ho)):
+                            for g0 in range(0, min(ho, r1 - r0) * Wq, NR):
+                                _micro(M, ct, s * M * MR, s1, img * G + g0, koff1, 0, stage,
+                                       img * G + g0, S1, False)
+                    src, so = (stage, 0) if two else (s1, s * MR * S1)
+                    for i in range(min(MR, N - s * MR)):
+                        n = s * MR + i
+                        for q in range(r0, r1, ho if per_block >= ho else r1 - r0):  # images
+                            o = (q // ho * N + n) * P + q % ho * wo
+                            _finish(of, o, src, so + i * S1 + (q // ho - b0) * G
+                                    + (q % ho - u0) * Wq, wo, bias[n], rf, o, has_res, act, a0,
+                                    a1, min(ho, r1 - r0), wo, Wq)
                 continue
             for panel in range(part * panels // parts, (part + 1) * panels // parts):
                 for r in range(r0, r1, NY):
@@ -784,19 +797,20 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
         ld = -(-wo // TX) * TX
         tiled = sum(-(-r // NY) * NY for r in sizes) * ld
         G = up(min(ho, per_block) * Wq)         # grid1: an image's (or band's) responses
-        if grid1:
+        if grid1:                               # (and the combine over the grid too)
             R1 = up(N if M is None else M, MR)           # rows of the grid's responses
-            computed = ((0 if M is None else tiled * per_row)
-                        + sum(-(-r // ho) * up(min(ho, r) * Wq) for r in sizes) * K * R1)
-            responses = R1 * (per_block // ho * G if per_block >= ho else G)
+            grids = sum(-(-r // ho) * up(min(ho, r) * Wq) for r in sizes)  # corners computed
+            computed = grids * (K * R1 + (0 if M is None else M * up(N, MR)))
+            S1 = per_block // ho * G if per_block >= ho else G
+            stage, responses = MR * S1, R1 * S1
         else:
             computed = tiled * (per_row + per_row1)
+            stage = NR * NY * ld
             responses = 0 if M is None else up(M) * -(-per_block // NY) * NY * ld
         cost = computed * (DIRECT_NARROW_COST if narrow else 1.0)
         if best is None or cost < best[0]:
             copy = bool(padded or sh * sw > 1 or wo % TX or grid1)
-            scratch = (NR * NY * ld + responses                           # stage, responses
-                       + (C * sh * sw * rows_in * Wq + NR + Wq if copy else 0))
+            scratch = (stage + responses + (C * sh * sw * rows_in * Wq + NR + Wq if copy else 0))
             parts = -(-T // blocks) if grid1 else min(-(-N // NR), -(-T // blocks))
             best = (cost, (narrow, per_block, parts, copy, grid1, scratch,
                            computed / (B * ho * wo * need)))
@@ -935,9 +949,11 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
     if plan.how == "direct":
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
-        wt = (_DERIVED.get(w1, "packed", lambda: pack_rows(w1m)) if plan.split[4] else
+        grid1 = plan.split[4]
+        wt = (_DERIVED.get(w1, "packed", lambda: pack_rows(w1m)) if grid1 else
               _DERIVED.get(w1, "direct", lambda: pack_cols(w1m)))
-        ct = _DERIVED.get(w2, "direct", lambda: pack_cols(w2)) if two else wt
+        ct = (_DERIVED.get(w2, "grid1", lambda: pack_rows(w2)) if two and grid1 else
+              _DERIVED.get(w2, "direct", lambda: pack_cols(w2)) if two else wt)
         ws = np.empty((T, plan.scratch), np.float32)
         _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res3, has_res,
                      code, a0, a1, ho, wo, *plan.split, out, ws)
