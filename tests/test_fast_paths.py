@@ -75,6 +75,7 @@ CASES = [
     (1, 8, 24, 28, 1, 3, 2, (1, 1), (1, 0, 0, 2), (2, 2), 1),     # a tap reading padding only
     (2, 3, 24, 16, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # direct conv over the grid
     (2, 3, 24, 90, 90, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # direct conv over the grid, bands
+    (1, 40, 32, 15, 31, 5, 2, (3, 1), (0, 0, 2, 0), (2, 1), 1),   # direct, batch 1: an image's band
 ]
 
 
@@ -105,6 +106,34 @@ def test_basis_conv_matches_reference(case):
         close(got, np.maximum(want + res, 0), np.abs(want + res).max())
         close(basis_conv2d_fast(x, basis, comb, None, stride, pad, dil, g, "zeros"),
               OPS["basis_conv2d"].reference(basis_node(basis, comb, None, stride, pad, dil, g), x))
+
+
+def test_random_shapes_match_reference():
+    """Random conv and basis-conv shapes (strides, dilations, uneven padding, batch 1 to 4, odd
+    channel counts) against the references: plans pick each path from shapes, so random ones
+    reach corners the CASES do not (a batch-1 band as tall as its image once overran its
+    scratch)."""
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        B, C = int(rng.integers(1, 5)), int(rng.choice([1, 3, 8, 16, 24, 40, 64]))
+        N = int(rng.choice([1, 5, 12, 16, 24, 33, 36, 64]))
+        kh, kw, sh, sw, dh, dw = (int(v) for v in rng.integers(1, [6, 6, 4, 4, 3, 3]))
+        pad = tuple(int(v) for v in rng.integers(0, 3, 4))
+        H, W = (int(v) for v in rng.integers(1, 30, 2))
+        if H + pad[0] + pad[2] < (kh - 1) * dh + 1 or W + pad[1] + pad[3] < (kw - 1) * dw + 1:
+            continue
+        M = None if rng.random() < 0.5 else int(rng.integers(1, 2 * C + 2))
+        x, b = rand(B, C, H, W), rand(N, seed=2)
+        args = ((sh, sw), pad, (dh, dw), 1, "zeros")
+        if M is None:
+            w = rand(N, C, kh, kw, seed=1)
+            got = conv2d_fast(x, w, b, *args, ("relu",))
+            want = OPS["conv2d"].reference(conv_node(w, b, *args[:4]), x)
+        else:
+            basis, comb = rand(M, C, kh, kw, seed=1), rand(N, M, seed=3)
+            got = basis_conv2d_fast(x, basis, comb, b, *args, ("relu",))
+            want = OPS["basis_conv2d"].reference(basis_node(basis, comb, b, *args[:4]), x)
+        close(got, np.maximum(want, 0), np.abs(want).max())
 
 
 def basis_ranks(C, g):
@@ -341,11 +370,14 @@ def test_cli_bench_times_the_engine_alone(tmp_path, capsys):
     assert "bench/speed.py" in capsys.readouterr().out
 
 
-def narrow_vector_child(width):
-    """Run in a child process with BASISCONV_VECTOR_WIDTH=width: the kernels an AVX (8) or
-    SSE / NEON (4) machine compiles, on every case of CASES and the sgemm, held to the
-    references."""
-    assert sgemm.VW == width and sgemm.DIRECT_TILES == ((1, 4), (2, 2)), (sgemm.VW, sgemm.DIRECT_TILES)
+def vector_width_child(width):
+    """Run in a child process with BASISCONV_VECTOR_WIDTH=width and NUMBA_BOUNDSCHECK=1: the
+    kernels an AVX-512 (16), AVX (8) or SSE / NEON (4) machine compiles, with every array index
+    checked (a kernel reading or writing past its scratch gives an error, or NaN from its
+    parallel tasks, instead of silently corrupting memory), on every case of CASES, random
+    shapes and the sgemm, held to the references."""
+    assert sgemm.VW == width and sgemm.DIRECT_TILES[0][1] == 4, (sgemm.VW, sgemm.DIRECT_TILES)
+    test_random_shapes_match_reference()
     kinds = set()
     for B, C, N, H, W, kh, kw, stride, pad, dil, g in CASES:
         ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
@@ -366,13 +398,16 @@ def narrow_vector_child(width):
     close(c.reshape(37, 45), sgemm.sgemm_reference(a, bm))
 
 
-@pytest.mark.parametrize("width", [8, 4])
-def test_narrow_vector_kernels(tmp_path, width):
-    """The 8-wide (AVX) and 4-wide (SSE, NEON) micro-kernels and direct-conv tiles, compiled in
-    a child process with their own Numba cache, match the references like the host's widest
-    ones do."""
-    env = dict(os.environ, BASISCONV_VECTOR_WIDTH=str(width), NUMBA_CACHE_DIR=str(tmp_path))
+@pytest.mark.parametrize("width", [16, 8, 4])
+def test_bounds_checked_kernels_at_each_vector_width(tmp_path, width):
+    """The 16-wide (AVX-512), 8-wide (AVX) and 4-wide (SSE, NEON) micro-kernels and direct-conv
+    tiles, compiled with bounds checks in a child process with its own Numba cache, match the
+    references."""
+    if width > sgemm._host_vector_width():
+        pytest.skip(f"the host has no {width}-wide float32 vectors")
+    env = dict(os.environ, BASISCONV_VECTOR_WIDTH=str(width), NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_BOUNDSCHECK="1")
     done = subprocess.run([sys.executable, "-c", "import tests.test_fast_paths as t; "
-                           f"t.narrow_vector_child({width})"], cwd=ROOT, env=env,
+                           f"t.vector_width_child({width})"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

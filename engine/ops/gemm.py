@@ -782,7 +782,7 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
         # values a block holds per image: its input, and with grid1 its responses too
         grid_row = up(N if M is None else M, MR) * Wq if grid1 else 0   # responses per row
         held = image + (up(ho * grid_row) if grid1 else 0)
-        if need > B * image or held <= DIRECT_BLOCK_VALUES:
+        if need > B * image or (held <= DIRECT_BLOCK_VALUES and B >= T):
             per = -(-B // T) if need > B * image else min(B, max(1, DIRECT_BLOCK_VALUES // held))
             per = next((p for p in range(per, 0, -1) if B % p == 0 and B // p % T == 0), per)
             per_block, blocks, rows_in = per * ho, -(-B // per), min(B, per) * Hq
@@ -790,8 +790,13 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
         else:
             band = max(NY, (DIRECT_BLOCK_VALUES // (C * sh * sw * Wq + grid_row) - halo)
                        // NY * NY)
-            per_block = -(-ho // (-(-ho // band) * NY)) * NY     # even bands of whole tiles
-            blocks, rows_in = B * -(-ho // per_block), min(Hq, per_block + halo)
+            nb = -(-ho // band)                 # bands per image; at batch 1 a multiple of T
+            if B < T:
+                nb = -(-nb // -(-T // B)) * -(-T // B)
+            per_block = -(-ho // (nb * NY)) * NY     # even bands of whole tiles
+            # (a band as tall as the image is a whole image to the kernel: all Hq rows copied)
+            blocks = B * -(-ho // per_block)
+            rows_in = Hq if per_block >= ho else min(Hq, per_block + halo)
             sizes = [per_block] * (ho // per_block) + ([ho % per_block] if ho % per_block else [])
             sizes = sizes * B
         ld = -(-wo // TX) * TX
