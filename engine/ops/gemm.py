@@ -18,7 +18,10 @@ Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per ima
               32-wide panels), transposed in registers into a stage whose rows get the epilogue.
               Work in blocks of output rows, each task copying its block's zero-padded input
               (split by stride phase) into its own scratch. A basis conv runs its stages there
-              too: the block's basis responses, then the combine as a 1x1 conv over them.
+              too: the block's basis responses, then the combine as a 1x1 conv over them. Few
+              filters (basis M = 12; convs with K < DIRECT_MIN_K at stride 1) run over the
+              input grid instead ("grid1": the GEMM micro-kernel, filters broadcast, 32
+              window corners as the vectors).
   packed      (one group, B*P >= NR; not for basis convs whose stage 1 is kn2row per image)
               `_conv_packed`: weights packed once (sgemm.pack_rows); the output positions cut
               into chunks sized for L2; per chunk the im2col columns are gathered KC rows at a

@@ -20,7 +20,8 @@ The direct conv's micro-kernel (`_direct_micro`, used by ops/gemm.py's `_conv_di
 the register-tile loop (`_tile_loop`) with the other roles: the input's values are the broadcast
 scalars, read in place through tap offsets, and the weights the vectors (`pack_cols` panels), so
 that output channels fill the vectors; the tile is transposed in registers (`_transposed`) and
-stored channel-major, as the output is laid out.
+stored channel-major, as the output is laid out. Its grid mode (few filters, first layers) uses
+`_micro` itself: filters broadcast, window corners of the input as the vectors.
 
 `sgemm_reference` is the plain NumPy definition the GEMM is tested against (the direct conv is
 tested as a conv, against the reference conv and PyTorch).
