@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..buffers import empty
 from ..errors import FormatError
 from . import Cost, Op, attr, mismatch, numel, register
 from .activation import residual_then_act
@@ -122,7 +123,7 @@ def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode
         return conv_gemm(x, weight, bias, stride, padding, dilation, groups, ho, wo, act=act,
                          residual=residual)
     xp = pad2d(x, padding, padding_mode)  # (B, C, H + top + bottom, W + left + right)
-    out = np.empty((B, N, ho, wo), np.float32)
+    out = empty((B, N, ho, wo))                     # (B, N, H', W'), recycled (buffers.py)
     bias_n = bias if bias is not None else np.zeros(N, np.float32)  # (N)
     _depthwise(xp, weight.reshape(N, kh, kw), bias_n, *stride, *dilation, out)
     return residual_then_act(out, residual, act)
