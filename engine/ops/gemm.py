@@ -152,7 +152,8 @@ def _finish(dst, od, src, os_, n, bv, res, orr, has_res, act, a0, a1, rows=1, ld
         if has_res:
             e = orr + r * ldd
             for q in range(n):
-                dst[np.uintp(d + q)] = (src[np.uintp(os_ + r * lds + q)] + bv) + res[np.uintp(e + q)]
+                v = src[np.uintp(os_ + r * lds + q)] + bv
+                dst[np.uintp(d + q)] = v + res[np.uintp(e + q)]
         else:
             for q in range(n):
                 dst[np.uintp(d + q)] = src[np.uintp(os_ + r * lds + q)] + bv
@@ -645,8 +646,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                     for y in range(NY):
                         q = min(r + y, r1 - 1)
                         roff[y] = ((q // ho - b0) * C * sh * sw * Hb + q % ho - u0) * Wq
-                        roff1[y] = ((q // ho - b0) * G + (q % ho - u0) * Wq if grid1
-                                    else (q - r0) * ld)
+                        roff1[y] = (q - r0) * ld
                     if two:
                         _direct_row(narrow, M, s1, koff1, roff1, ct, panel * M * NR, stage, 0,
                                     NY * ld, ld, ld)
@@ -755,8 +755,8 @@ def plan_packed(B, cols, K, Np, Mp, T, grid):
 
 
 def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, tiles=True):
-    """(narrow, rows per block, panel parts, copy, grid1, scratch per thread, MACs computed per MAC
-    needed: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
+    """(narrow, rows per block, panel parts, copy, grid1, scratch per thread, MACs computed per
+    MAC needed: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
     planes of one stride phase, padded: any zero padding, M the basis rank (None: a conv).
     Blocks: a thread's share of the images when the layer has more weights than input values
     (weight-bound: late layers; its thread then streams the weights once); else whole images,
@@ -786,7 +786,8 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
         grid_row = up(N if M is None else M, MR) * Wq if grid1 else 0   # responses per row
         held = image + (up(ho * grid_row) if grid1 else 0)
         if need > B * image or (held <= DIRECT_BLOCK_VALUES and B >= T):
-            per = -(-B // T) if need > B * image else min(B, max(1, DIRECT_BLOCK_VALUES // held))
+            per = (-(-B // T) if need > B * image
+                   else min(B, max(1, DIRECT_BLOCK_VALUES // held)))
             per = next((p for p in range(per, 0, -1) if B % p == 0 and B // p % T == 0), per)
             per_block, blocks, rows_in = per * ho, -(-B // per), min(B, per) * Hq
             sizes = [per * ho] * (B // per) + ([B % per * ho] if B % per else [])
@@ -884,7 +885,8 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         # convs with fewer blocks than threads would repeat stage 1 in each part: 1.2-1.8x
         # slower than the other paths at batch 1, also when run as two direct convs.
         if ((waste <= DIRECT_WASTE or (M is None and B * P <= DIRECT_STREAMED))
-                and (M is None and not split[4] or split[2] == 1)):   # grid1: blocks >= T
+                and (M is None and not split[4] or split[2] == 1)):
+            # (grid1 does not split panels: it needs as many blocks as threads)
             return ConvPlan("direct", False, False, tuple(split), scratch, 0)
     if groups == 1 and B * P >= NR and not (kn2row and P >= PER_IMAGE_MIN):
         grid = (tuple(stride) == (1, 1) and Kg >= KC
