@@ -10,8 +10,8 @@ keep the heap grown, had none.
 A buffer is recycled only when nothing else refers to it (CPython's reference count, measured
 against a fresh array's): a view kept by a later tensor, a graph output, the caller's input or
 an activation the caller holds are never taken. The pool holds at most `max_bytes` (Plan sets
-twice the largest call's peak), under a lock: concurrent calls on one Model each get their
-own buffers.
+the largest call's peak), under a lock: concurrent calls on one Model each get their own
+buffers. Intermediates inside an op are not pooled (the TT chain keeps its own scratch).
 """
 from __future__ import annotations
 

@@ -167,8 +167,8 @@ class Plan:
                 got = ", ".join(f"'{k}' {s}" for k, s in input_shapes.items())
                 raise InputError(f"input shape(s) {got} do not fit the model: {e}") from None
             hit = (shapes, self.peak_elements(shapes), sum(map(numel, shapes.values())))
-            # the pool keeps at most twice a call's peak (float32 values) of the shapes seen
-            self._pool.max_bytes = max(self._pool.max_bytes, 8 * hit[1])
+            # the pool keeps at most one call's peak (float32 values) of the shapes seen
+            self._pool.max_bytes = max(self._pool.max_bytes, 4 * hit[1])
             with self._lock:
                 if len(self._checked) > 64:
                     self._checked.clear()

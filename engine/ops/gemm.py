@@ -1183,14 +1183,15 @@ def _matmul(a, b, out, S, by_rows):
             _gemm(False, r1 - r0, c1 - c0, k, af, r0 * k, k, bf, c0, n, of, r0 * n + c0, n)
 
 
-def matmul(a, b):
+def matmul(a, b, out=None):
     """a (m, k) @ b (k, n) in float32 as Numba tasks with single-threaded sgemm each (the
     engine's replacement for NumPy's threaded BLAS on hot paths); any layouts (copied to
-    C order when needed)."""
+    C order when needed). out: a C-contiguous float32 (m, n) to write, else a new array."""
     a = np.ascontiguousarray(a, np.float32)
     b = np.ascontiguousarray(b, np.float32)
     m, n = a.shape[0], b.shape[1]
-    out = np.empty((m, n), np.float32)
+    if out is None:
+        out = np.empty((m, n), np.float32)
     by_rows = n < m
     S = min(threads(), max(1, (m if by_rows else n) // 32))
     _matmul(a, b, out, S, by_rows)
