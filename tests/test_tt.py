@@ -20,6 +20,7 @@ from engine.errors import FormatError, LimitError, ShapeMismatch
 from engine.format import Limits
 from engine.graph import Graph, Node, TensorSpec
 from engine.ops import OPS, load_all
+from engine.ops import tt
 from engine.ops.tt import STRATEGIES, chain_macs, conv_kernel, set_strategy, tt_matrix
 from engine.plan import Plan
 from engine.verify import compare
@@ -341,3 +342,12 @@ def test_cli_compress_tt(tmp_path):
     assert model.references.source == "engine-reference"
     assert model.verify().ok
     assert main(["compress", str(tmp_path / "dense.h5"), "--tt", "-o", str(tmp_path / "x.h5")]) == 2
+
+
+@pytest.mark.parametrize("m,n", [(1, 5), (8, 3000), (16, 1024), (3, 2049)])
+def test_chain_transpose_matches_numpy(m, n):
+    """The chain's transposed copy (tt._transpose, blocks of 1024 columns) against NumPy's."""
+    src = np.random.default_rng(0).standard_normal((m, n)).astype(np.float32)
+    dst = np.full(m * n, np.nan, np.float32)
+    tt._transpose(src.ravel(), m, dst)
+    np.testing.assert_array_equal(dst.reshape(n, m), src.T)
