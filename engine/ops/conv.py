@@ -86,7 +86,7 @@ def _depthwise(xp, w, bias, sh, sw, dh, dw, out):
     """out[b, n] = bias[n] + sum_ij w[n, i, j] * xp[b, n // m, oy*sh + i*dh, ox*sw + j*dw],
     m = N / C output channels per input channel; one prange task per (b, n). Flat arrays with
     unsigned offsets, no row views: a view per row cost more than its few values (TT's stage 1,
-    4,608 planes of 4x4: 3.6 ms), and the sw == 1 loop vectorizes."""
+    4,608 planes of 4x4: 3.6 -> 3.0 ms with them gone), and the sw == 1 loop vectorizes."""
     B, N, ho, wo = out.shape
     C, Hp, Wp = xp.shape[1], xp.shape[2], xp.shape[3]
     m = N // C

@@ -531,6 +531,17 @@ def _direct_row(narrow, k, src, koff, roff, w, ow, c, oc, ldj, ldc, ld):
             _direct_wide(k, src, x0, koff, roff, w, ow, c, oc + x0, ldj, ldc)
 
 
+@njit(cache=True)
+def _grid_tiles(k, a, oa, src, ld_src, boff, c, oc, ldc, images, ld_c, cols):
+    """The GEMM micro-kernel over each image's grid of window corners (the direct conv's grid1):
+    c[oc + img*ld_c + i*ldc + g] = sum_p a[oa + p*MR + i] * src[img*ld_src + boff[p] + g] for
+    img < images, i < MR, g < cols, in tiles of NR (the last one's spare columns land in the
+    image's rounding up to NR)."""
+    for img in range(images):
+        for g0 in range(0, cols, NR):
+            _micro(k, a, oa, src, img * ld_src + g0, boff, 0, c, oc + img * ld_c + g0, ldc, False)
+
+
 @njit(cache=True, parallel=True)
 def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res, has_res, act,
                  a0, a1, ho, wo, narrow, per_block, parts, copy, grid1, out, ws):
@@ -611,12 +622,11 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                 j = k % kw * dw
                 plane = (k // (kh * kw) * sh + i % sh) * sw + j % sw    # (channel, phase)
                 koff[k] = (plane * Hb + i // sh) * Wq + j // sw
+            images, cols = -(-(r1 - r0) // ho), min(ho, r1 - r0) * Wq   # grid1: per image
             if grid1:                    # the block's basis responses over its input grid
                 for s in range(R1 // MR):
-                    for img in range(-(-(r1 - r0) // ho)):
-                        for g0 in range(0, min(ho, r1 - r0) * Wq, NR):
-                            _micro(K, wt, s * K * MR, xb, img * C * Hb * Wq + g0, koff, 0, s1,
-                                   s * MR * S1 + img * G + g0, S1, False)
+                    _grid_tiles(K, wt, s * K * MR, xb, C * Hb * Wq, koff, s1, s * MR * S1, S1,
+                                images, G, cols)
             elif two:                    # the block's basis responses, each basis panel reused
                 for pb in range(R1 // NR):
                     for r in range(r0, r1, NY):
@@ -628,18 +638,16 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
             if grid1:                    # MR output channels at a time over the grid: a
                 for s in range(-(-N // MR)):     # conv's responses, or their combine in stage
                     if two:
-                        for img in range(-(-(r1 - r0) // ho)):
-                            for g0 in range(0, min(ho, r1 - r0) * Wq, NR):
-                                _micro(M, ct, s * M * MR, s1, img * G + g0, koff1, 0, stage,
-                                       img * G + g0, S1, False)
+                        _grid_tiles(M, ct, s * M * MR, s1, G, koff1, stage, 0, S1, images, G,
+                                    cols)
                     src, so = (stage, 0) if two else (s1, s * MR * S1)
                     for i in range(min(MR, N - s * MR)):
                         n = s * MR + i
-                        for q in range(r0, r1, ho if per_block >= ho else r1 - r0):  # images
+                        for img in range(images):
+                            q = r0 + img * ho    # the image's (or band's) first output row
                             o = (q // ho * N + n) * P + q % ho * wo
-                            _finish(of, o, src, so + i * S1 + (q // ho - b0) * G
-                                    + (q % ho - u0) * Wq, wo, bias[n], rf, o, has_res, act, a0,
-                                    a1, min(ho, r1 - r0), wo, Wq)
+                            _finish(of, o, src, so + i * S1 + img * G, wo, bias[n], rf, o,
+                                    has_res, act, a0, a1, cols // Wq, wo, Wq)
                 continue
             for panel in range(part * panels // parts, (part + 1) * panels // parts):
                 for r in range(r0, r1, NY):
