@@ -150,10 +150,11 @@ def test_cases_cover_every_conv_path():
         for M in [None] + basis_ranks(C, g):
             plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g, M)
             if plan.how == "direct":
-                narrow, per_block, parts, copy, grid1 = plan.split
+                narrow, per_block, parts, copy, grid1, cb = plan.split
                 seen |= {("direct", ("wide", "narrow")[narrow]), ("direct", "parts", parts > 1),
                          ("direct", "copy", copy), ("direct", "bands", per_block < ho),
-                         ("direct", "stride", stride != (1, 1)), ("direct", "basis", bool(M))}
+                         ("direct", "stride", stride != (1, 1)), ("direct", "basis", bool(M)),
+                         ("direct", "channel block", cb)}
                 if grid1:
                     seen.add(("direct", "grid1" if M else "grid conv", "images" if per_block > ho
                               else "bands" if per_block < ho else "image"))
@@ -164,7 +165,8 @@ def test_cases_cover_every_conv_path():
     assert {"image", "batched", ("grid", False), ("gather", False), ("gather", True),
             ("direct", "wide"), ("direct", "narrow"), ("direct", "parts", True),
             ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True),
-            ("direct", "basis", True), ("direct", "grid1", "images"),
+            ("direct", "basis", True), ("direct", "channel block", 1),
+            ("direct", "channel block", gemm.CHANNEL_BLOCK), ("direct", "grid1", "images"),
             ("direct", "grid1", "bands"), ("direct", "grid1", "image"),
             ("direct", "grid conv", "bands"), ("direct", "grid conv", "image")} <= seen
 

@@ -70,13 +70,15 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
+from numba.extending import intrinsic
 from numba.np.linalg import ensure_blas
 
 from ..buffers import empty
 from .activation import residual_then_act
-from .sgemm import (DIRECT_TILES, KC, MR, NR, _direct_narrow, _direct_wide, _micro,
-                    pack_cols, pack_rows, sgemm)
+from .sgemm import (DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow, _direct_wide,
+                    _micro, pack_cols, pack_rows, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -84,10 +86,11 @@ BATCH_COLS_CAP = 1 << 22     # values of the batched column matrix (16 MB): larg
 PACKED_CHUNK_VALUES = 1 << 17  # values of one packed task's scratch (512 KB: L2)
 GRID_WASTE = 1.1             # most columns computed per output for the packed path's grid mode
 DIRECT_WASTE = 1.25          # most outputs computed per output for the direct conv
-DIRECT_NARROW_COST = 1.03    # narrow tile's time per position against the wide one's
 DIRECT_MIN_K = 64            # fewest im2col rows (C*kh*kw) for the direct conv
 DIRECT_STREAMED = 64         # direct conv whatever its waste up to this many outputs per channel
 DIRECT_BLOCK_VALUES = 1 << 17  # input values a direct conv block reads (512 KB: half of L2)
+CHANNEL_BLOCK = 8            # channels the direct conv's copied input interleaves (_pad_planes)
+BLOCKED_PLANE = 256          # ... when its padded planes have at least this many values
 ACT_CODES = {"relu": 1, "clip": 2, "leaky_relu": 3}
 
 
@@ -376,38 +379,36 @@ def _pack_cols(xpf, colbase, delta, k0, kc, tiles, bp):
 
 
 @njit(cache=True)
-def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst):
+def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst, cb=1):
     """Rows [u0, u0 + Hb) of the zero-padded input's planes t = b*C + c in [t0, t1), split
-    into their sh*sw stride phases of Wq columns: dst[((((t - t0)*sh + i)*sw + j)*Hb + u - u0)*Wq
-    + v] = x[b, c, u*sh + i - pt, v*sw + j - pl], 0 outside x. Split, an output row's window
+    into their sh*sw stride phases of Wq columns, the planes of cb channels in a row
+    interleaved: dst[(((((t - t0)//cb*sh + i)*sw + j)*Hb + u - u0)*Wq + v)*cb + (t - t0)%cb]
+    = x[b, c, u*sh + i - pt, v*sw + j - pl], 0 outside x. Split, an output row's window
     corners at stride s are adjacent values (the direct conv reads them in place); with stride
-    1 just the padded input."""
+    1 and cb 1 just the padded input. Interleaved, the direct conv's taps (cb channels of one
+    position in a row) share a cache line."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     xf = x.ravel()
     for t in range(t0, t1):
         for i in range(sh):
             for j in range(sw):
-                o = (((t - t0) * sh + i) * sw + j) * Hb * Wq
+                o = (((t - t0) // cb * sh + i) * sw + j) * Hb * Wq * cb + (t - t0) % cb
                 v0 = min(Wq, max(0, -((j - pl) // sw)))   # columns v: 0 <= v*sw + j - pl < W
                 v1 = max(v0, min(Wq, (W - 1 + pl - j) // sw + 1))
                 for u in range(u0, u0 + Hb):
                     y = u * sh + i - pt
-                    d = o + (u - u0) * Wq      # (unsigned indices: no wrap checks, vectorizes)
+                    d = o + (u - u0) * Wq * cb  # (unsigned indices: no wrap checks, vectorizes)
                     if 0 <= y < H:
                         s = (t * H + y) * W + j - pl
                         for v in range(v0):
-                            dst[np.uintp(d + v)] = 0.0
-                        if sw == 1:
-                            for v in range(v0, v1):
-                                dst[np.uintp(d + v)] = xf[np.uintp(s + v)]
-                        else:
-                            for v in range(v0, v1):
-                                dst[np.uintp(d + v)] = xf[np.uintp(s + v * sw)]
+                            dst[np.uintp(d + v * cb)] = 0.0
+                        for v in range(v0, v1):
+                            dst[np.uintp(d + v * cb)] = xf[np.uintp(s + v * sw)]
                         for v in range(v1, Wq):
-                            dst[np.uintp(d + v)] = 0.0
+                            dst[np.uintp(d + v * cb)] = 0.0
                     else:
                         for v in range(Wq):
-                            dst[np.uintp(d + v)] = 0.0
+                            dst[np.uintp(d + v * cb)] = 0.0
 
 
 @njit(cache=True, parallel=True)
@@ -520,15 +521,48 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
 # by one thread (data another core wrote or is reading costs far more to touch here).
 
 
+@intrinsic
+def _claim(typingctx, taken_t, i_t):
+    """Atomically mark unit i taken (taken[i] = 1, an int32 array); True if this call took it."""
+    sig = types.boolean(taken_t, types.intp)
+
+    def codegen(context, builder, signature, args):
+        taken, i = args
+        cell = builder.gep(context.make_array(taken_t)(context, builder, taken).data, [i])
+        i32 = ir.IntType(32)
+        old = builder.atomic_rmw("xchg", cell, ir.Constant(i32, 1), "acq_rel")
+        return builder.icmp_signed("==", old, ir.Constant(i32, 0))
+    return sig, codegen
+
+
+@njit(inline="always")
+def _unit(t, T, units, i):
+    """The i-th unit thread t of T tries (i < units): its own contiguous run in order, then the
+    other threads' runs from their ends backwards, so that a thread slowed by the machine is
+    relieved of its last units."""
+    lo, hi = t * units // T, (t + 1) * units // T
+    if i < hi - lo:
+        return lo + i
+    i -= hi - lo
+    for d in range(1, T):
+        s = (t + d) % T
+        a, b = s * units // T, (s + 1) * units // T
+        if i < b - a:
+            return b - 1 - i
+        i -= b - a
+    return -1
+
+
 @njit(cache=True)
-def _direct_row(narrow, k, src, koff, roff, w, ow, c, oc, ldj, ldc, ld):
+def _direct_row(narrow, k, src, xs, koff, roff, w, ow, c, oc, ldj, ldc, ld):
     """A row of register tiles across ld output columns: c[oc + j*ldj + y*ldc + x] = sum_p
-    src[koff[p] + roff[y] + x] * w[ow + p*NR + j] (the direct micro-kernel every TX columns)."""
+    src[koff[p] + roff[y] + x*xs] * w[ow + p*NR + j] (the direct micro-kernel every TX
+    columns; xs: the input's step between columns)."""
     for x0 in range(0, ld, DIRECT_TILES[narrow][1]):
         if narrow:
-            _direct_narrow(k, src, x0, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+            _direct_narrow(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
         else:
-            _direct_wide(k, src, x0, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+            _direct_wide(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
 
 
 @njit(cache=True)
@@ -544,17 +578,18 @@ def _grid_tiles(k, a, oa, src, ld_src, boff, c, oc, ldc, images, ld_c, cols):
 
 @njit(cache=True, parallel=True)
 def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res, has_res, act,
-                 a0, a1, ho, wo, narrow, per_block, parts, copy, grid1, out, ws):
-    """Conv (two False: wt = pack_cols(weight (N, K))) or basis conv (two True: wt =
-    pack_cols(basis (M, K)), ct = pack_cols(combine (N, M))) of one group of x (B, C, H, W),
+                 a0, a1, ho, wo, narrow, per_block, parts, copy, grid1, cb, out, ws):
+    """Conv (two False: wt = pack_cols(blocked_k(weight (N, K), cb, kh*kw))) or basis conv
+    (two True: wt = the same of basis (M, K), ct = pack_cols(combine (N, M))) of x (B, C, H, W),
     K = C*kh*kw, zero padding top pt and left pl to planes of Hq x Wq per stride phase, into
     out (B, N, H'*W'). Tiles: DIRECT_TILES[narrow]. Work units: a block of output rows
     (per_block rows: whole images when >= H', else a band of one image) by one of `parts`
     ranges of the NR-channel output panels (parts > 1 only when there are fewer blocks than
     threads), dealt to the threads in contiguous runs of blocks, so that a thread reads the
-    images that it wrote in the layer before. A unit copies its block's input rows
-    (_pad_planes) into its thread's scratch, or reads x itself (copy False: stride 1, unpadded,
-    W' a multiple of TX). A basis conv first writes the block's basis responses (Mp, RB, ld),
+    images that it wrote in the layer before; a thread done with its run takes the last units
+    of the others (_unit, _claim). A unit copies its block's input rows (_pad_planes; cb
+    channels interleaved) into its thread's scratch, or reads x itself (copy False: stride 1,
+    unpadded, W' a multiple of TX). A basis conv first writes the block's basis responses (Mp, RB, ld),
     then combines them by the same micro-kernel (a 1x1 conv of M channels over them). grid1
     (stride 1, copy): the responses by the GEMM micro-kernel instead (wt = pack_rows(basis)),
     MR basis filters x NR adjacent window corners of the block's input grid (rows of Wq corners,
@@ -588,6 +623,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     xf = x.ravel()
     of = out.ravel()
     rf = res.ravel()
+    taken = np.zeros(units, np.int32)
     for t in prange(T):
         st = MR * S1 if grid1 else NR * NY * ld
         stage = ws[t, :st]
@@ -597,7 +633,10 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
         koff = np.empty(K, np.intp)      # tap (c, i, j)'s offset from a window corner
         roff1 = np.empty(NY, np.intp)    # two: the tile rows in the responses
         koff1 = np.arange(M) * S1        # two: response m's offset
-        for unit in range(t * units // T, (t + 1) * units // T):
+        for i in range(units):
+            unit = _unit(t, T, units, i)
+            if not _claim(taken, unit):
+                continue
             blk = unit // parts
             part = unit % parts
             if per_block >= ho:
@@ -612,16 +651,18 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
             b0 = r0 // ho
             if copy:
                 b1 = (r1 - 1) // ho + 1
-                _pad_planes(x, b0 * C, b1 * C, u0, Hb, pt, pl, sh, sw, Wq, xb)
+                _pad_planes(x, b0 * C, b1 * C, u0, Hb, pt, pl, sh, sw, Wq, xb, cb)
                 end = (b1 - b0) * C * sh * sw * Hb * Wq
-                xb[end:end + NR + Wq] = 0.0  # the last tile's spare columns read past the end
+                xb[end:end + (NR + Wq) * cb] = 0.0  # the last tile's spare columns read past it
             else:
                 u0, Hb, b0 = 0, Hq, 0
-            for k in range(K):
-                i = k // kw % kh * dh
-                j = k % kw * dw
-                plane = (k // (kh * kw) * sh + i % sh) * sw + j % sw    # (channel, phase)
-                koff[k] = (plane * Hb + i // sh) * Wq + j // sw
+            image = C * sh * sw * Hb * Wq       # an image's values in xb
+            for k in range(K):           # k: (channel // cb, tap i, j, channel % cb)
+                tap = k % (kh * kw * cb) // cb
+                i = tap // kw * dh
+                j = tap % kw * dw
+                plane = (k // (kh * kw * cb) * sh + i % sh) * sw + j % sw  # (channels, phase)
+                koff[k] = ((plane * Hb + i // sh) * Wq + j // sw) * cb + k % cb
             images, cols = -(-(r1 - r0) // ho), min(ho, r1 - r0) * Wq   # grid1: per image
             if grid1:                    # the block's basis responses over its input grid
                 for s in range(R1 // MR):
@@ -632,8 +673,8 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                     for r in range(r0, r1, NY):
                         for y in range(NY):
                             q = min(r + y, r1 - 1)
-                            roff[y] = ((q // ho - b0) * C * sh * sw * Hb + q % ho - u0) * Wq
-                        _direct_row(narrow, K, xb, koff, roff, wt, pb * K * NR, s1,
+                            roff[y] = (q // ho - b0) * image + (q % ho - u0) * Wq * cb
+                        _direct_row(narrow, K, xb, cb, koff, roff, wt, pb * K * NR, s1,
                                     (pb * NR * RB + r - r0) * ld, RB * ld, ld, ld)
             if grid1:                    # MR output channels at a time over the grid: a
                 for s in range(-(-N // MR)):     # conv's responses, or their combine in stage
@@ -653,13 +694,13 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                 for r in range(r0, r1, NY):
                     for y in range(NY):
                         q = min(r + y, r1 - 1)
-                        roff[y] = ((q // ho - b0) * C * sh * sw * Hb + q % ho - u0) * Wq
+                        roff[y] = (q // ho - b0) * image + (q % ho - u0) * Wq * cb
                         roff1[y] = (q - r0) * ld
                     if two:
-                        _direct_row(narrow, M, s1, koff1, roff1, ct, panel * M * NR, stage, 0,
+                        _direct_row(narrow, M, s1, 1, koff1, roff1, ct, panel * M * NR, stage, 0,
                                     NY * ld, ld, ld)
                     else:
-                        _direct_row(narrow, K, xb, koff, roff, wt, panel * K * NR, stage, 0,
+                        _direct_row(narrow, K, xb, cb, koff, roff, wt, panel * K * NR, stage, 0,
                                     NY * ld, ld, ld)
                     ny = min(NY, r1 - r)
                     for j in range(min(NR, N - panel * NR)):
@@ -716,6 +757,13 @@ def kn2row_weights(basis: np.ndarray, groups: int) -> np.ndarray:
     return _DERIVED.get(basis, ("kn2row", groups), build)
 
 
+def blocked_k(w: np.ndarray, cb: int, taps: int) -> np.ndarray:
+    """w (n, K), K = C*taps in (channel, tap) order, with K reordered to (channel // cb, tap,
+    channel % cb): the direct conv's order over an input copied with cb channels interleaved."""
+    n, K = w.shape
+    return w.reshape(n, K // (cb * taps), cb, taps).transpose(0, 1, 3, 2).reshape(n, K)
+
+
 def use_kn2row(Cg, M, stride) -> bool:
     """Basis stage 1 by kn2row: stride 1 and fewer basis filters than input channels per group
     (Y then holds fewer values per position than the im2col columns)."""
@@ -763,8 +811,8 @@ def plan_packed(B, cols, K, Np, Mp, T, grid):
 
 
 def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, tiles=True):
-    """(narrow, rows per block, panel parts, copy, grid1, scratch per thread, MACs computed per
-    MAC needed: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
+    """(narrow, rows per block, panel parts, copy, grid1, channel block, scratch per thread,
+    MACs computed per MAC needed: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
     planes of one stride phase, padded: any zero padding, M the basis rank (None: a conv).
     Blocks: a thread's share of the images when the layer has more weights than input values
     (weight-bound: late layers; its thread then streams the weights once); else whole images,
@@ -774,9 +822,12 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
     half of the weights) made dense VGG-16 at batch 16 8% slower: the input then crosses
     between the cores.
     Tile: the shape computing fewest MACs (a block's last tile repeats rows), the narrow one's
-    (fewer FMAs per load) counted DIRECT_NARROW_COST times (measured 1-3% slower per MAC).
+    counted DIRECT_NARROW_COST times (sgemm: measured per register count).
     Copy: a task copies its block's input unless x can be read in place (stride 1, unpadded,
-    W' a multiple of TX). Grid1 (stride 1): the basis responses, or a conv's output, over the
+    W' a multiple of TX); read by tiles, the copy interleaves CHANNEL_BLOCK channels (where C
+    is a multiple), the weights' K in that order (blocked_k): a tile's taps then run along
+    cache lines, not across planes (VGG-16's 64 -> 64 conv at 32x32, AVX2: 1.2x faster).
+    Grid1 (stride 1): the basis responses, or a conv's output, over the
     input grid (filters rounded up to MR, Wq corners per output row) where that computes fewer
     MACs than the tiles (filters rounded up to NR), or always when the tiles may not be used
     (tiles False: a conv with K < DIRECT_MIN_K); its blocks are sized with the responses."""
@@ -827,9 +878,12 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
         cost = computed * (DIRECT_NARROW_COST if narrow else 1.0)
         if best is None or cost < best[0]:
             copy = bool(padded or sh * sw > 1 or wo % TX or grid1)
-            scratch = (stage + responses + (C * sh * sw * rows_in * Wq + NR + Wq if copy else 0))
+            cb = (CHANNEL_BLOCK if copy and not grid1 and C % CHANNEL_BLOCK == 0
+                  and sh * sw * Hq * Wq >= BLOCKED_PLANE else 1)
+            scratch = stage + responses + (C * sh * sw * rows_in * Wq + (NR + Wq) * cb
+                                           if copy else 0)
             parts = -(-T // blocks) if grid1 else min(-(-N // NR), -(-T // blocks))
-            best = (cost, (narrow, per_block, parts, copy, grid1, scratch,
+            best = (cost, (narrow, per_block, parts, copy, grid1, cb, scratch,
                            computed / (B * ho * wo * need)))
     return best[1]
 
@@ -840,7 +894,7 @@ class ConvPlan(NamedTuple):
                       # or "batched" (whole batch)
     kn2row: bool      # basis stage 1 by kn2row (image / batched)
     grid: bool        # packed: the input read in place
-    split: tuple      # direct: (narrow, rows per block, parts, copy, grid1);
+    split: tuple      # direct: (narrow, rows per block, parts, copy, grid1, channel block);
                       # packed: (nch, parts); image: (bands per image,);
                       # batched: (images per group,)
     scratch: int      # kernel scratch values per thread (direct, packed, image) or per group
@@ -967,9 +1021,9 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
     if plan.how == "direct":
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
-        grid1 = plan.split[4]
+        grid1, cb = plan.split[4], plan.split[5]
         wt = (_DERIVED.get(w1, "packed", lambda: pack_rows(w1m)) if grid1 else
-              _DERIVED.get(w1, "direct", lambda: pack_cols(w1m)))
+              _DERIVED.get(w1, ("direct", cb), lambda: pack_cols(blocked_k(w1m, cb, kh * kw))))
         ct = (_DERIVED.get(w2, "grid1", lambda: pack_rows(w2)) if two and grid1 else
               _DERIVED.get(w2, "direct", lambda: pack_cols(w2)) if two else wt)
         ws = np.empty((T, plan.scratch), np.float32)

@@ -188,26 +188,28 @@ def _transposed(builder, vecs):
 def _direct_micro(NY, TX):
     """The direct conv's register tile of NY output rows x TX adjacent output columns by NR
     output channels (NY*TX = MR positions at TX = 4 with AVX-512) as an intrinsic:
-    c[oc + j*ldj + y*ldc + x] = sum_p x[ox + koff[p] + roff[y] + x] * w[ow + p*NR + j] for
+    c[oc + j*ldj + y*ldc + x] = sum_p x[ox + koff[p] + roff[y] + x*xs] * w[ow + p*NR + j] for
     y < NY, x < TX, j < NR, p < k: the input read in place (roff: each row's window corner,
-    koff: each tap's offset), weights from an NR-wide panel, and the tile written channel-major
-    (TX adjacent values per channel and row), as the output is laid out."""
+    koff: each tap's offset, xs: the step between columns), weights from an NR-wide panel, and
+    the tile written channel-major (TX adjacent values per channel and row), as the output is
+    laid out."""
     @intrinsic
-    def micro(typingctx, k_t, x_t, ox_t, koff_t, roff_t, w_t, ow_t, c_t, oc_t, ldj_t, ldc_t):
-        sig = types.void(types.intp, x_t, types.intp, koff_t, roff_t, w_t, types.intp, c_t,
-                         types.intp, types.intp, types.intp)
+    def micro(typingctx, k_t, x_t, ox_t, xs_t, koff_t, roff_t, w_t, ow_t, c_t, oc_t, ldj_t, ldc_t):
+        sig = types.void(types.intp, x_t, types.intp, types.intp, koff_t, roff_t, w_t, types.intp,
+                         c_t, types.intp, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            k, x, ox, koff, roff, w, ow, c, oc, ldj, ldc = args
+            k, x, ox, xs, koff, roff, w, ow, c, oc, ldj, ldc = args
             ptr, const, vec_at = _codegen_helpers(context, builder)
             xp, wp, cp = ptr(x_t, x, ox), ptr(w_t, w, ow), ptr(c_t, c, oc)
             kp, rp = ptr(koff_t, koff, const(0)), ptr(roff_t, roff, const(0))
             corners = [builder.load(builder.gep(rp, [const(y)])) for y in range(NY)]
+            steps = [builder.mul(const(u), xs) for u in range(TX)]
 
             def lanes(p):
                 tap = builder.gep(xp, [builder.load(builder.gep(kp, [p]))])
                 starts = [builder.gep(tap, [corner]) for corner in corners]
-                return [builder.load(builder.gep(r, [const(u)])) for r in starts for u in range(TX)]
+                return [builder.load(builder.gep(r, [steps[u]])) for r in starts for u in range(TX)]
 
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
@@ -236,7 +238,12 @@ def _direct_micro(NY, TX):
     return micro
 
 
-DIRECT_TILES = ((MR // 4, 4), (MR // 3, 2))     # (rows, columns) of the direct conv's tiles
+# (rows, columns) of the direct conv's two tiles, wide and narrow, and the narrow one's time per
+# position against the wide one's (measured on VGG-16's 3x3 layers at batch 16): with AVX-512's
+# 32 registers 3 x 4 and 4 x 2 positions (24 and 16 accumulators; the narrow 1-3% slower);
+# with 16 registers 1 x 4 and 3 x 2 (8 and 12 accumulators: the 1 x 4 tile's 8 FMA chains do
+# not hide the FMA latency, and the 3 x 2 ran 7-25% faster on AVX2, Zen 3)
+DIRECT_TILES, DIRECT_NARROW_COST = (((3, 4), (4, 2)), 1.03) if MR == 12 else (((1, 4), (3, 2)), 0.88)
 _direct_wide = _direct_micro(*DIRECT_TILES[0])
 _direct_narrow = _direct_micro(*DIRECT_TILES[1])
 
