@@ -2,6 +2,8 @@
 kernels (packed gather and grid modes, per-image and batched splits, im2col and kn2row, fused
 epilogue), linear, 2x2 max pooling, global average pooling, the plan's residual-add fusion and
 the single-threaded BLAS setting."""
+import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -79,19 +81,36 @@ CASES = [
 ]
 
 
+@contextlib.contextmanager
+def direct_everywhere(forced=True):
+    """Plans made (when forced) as if the direct conv beat the packed path for every plain conv,
+    as with AVX-512's registers, so that its modes are tested whatever the host."""
+    saved = gemm.direct_beats_packed
+    if forced:
+        gemm.direct_beats_packed = lambda *args: True
+    gemm.planned.cache_clear()
+    try:
+        yield
+    finally:
+        gemm.direct_beats_packed = saved
+        gemm.planned.cache_clear()
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["planned", "direct everywhere"])
 @pytest.mark.parametrize("case", CASES)
-def test_conv_gemm_matches_reference(case):
+def test_conv_gemm_matches_reference(case, forced):
     B, C, N, H, W, kh, kw, stride, pad, dil, g = case
     x, w, b = rand(B, C, H, W), rand(N, C // g, kh, kw, seed=1), rand(N, seed=2)
     want = OPS["conv2d"].reference(conv_node(w, b, stride, pad, dil, g), x)
     res = rand(*want.shape, seed=3)
-    for act in ACTS:
-        for r in (None, res):
-            got = conv2d_fast(x, w, b, stride, pad, dil, g, "zeros", act, r)
-            exp = want if r is None else want + r
-            close(got, apply_act(exp.copy(), act) if act else exp, np.abs(exp).max())
-    close(conv2d_fast(x, w, None, stride, pad, dil, g, "zeros"),
-          OPS["conv2d"].reference(conv_node(w, None, stride, pad, dil, g), x))
+    with direct_everywhere(forced):
+        for act in ACTS:
+            for r in (None, res):
+                got = conv2d_fast(x, w, b, stride, pad, dil, g, "zeros", act, r)
+                exp = want if r is None else want + r
+                close(got, apply_act(exp.copy(), act) if act else exp, np.abs(exp).max())
+        close(conv2d_fast(x, w, None, stride, pad, dil, g, "zeros"),
+              OPS["conv2d"].reference(conv_node(w, None, stride, pad, dil, g), x))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -142,13 +161,15 @@ def basis_ranks(C, g):
 
 
 def test_cases_cover_every_conv_path():
-    """The CASES above, as convs and as basis convs, reach each conv path and mode (so the
-    tests cannot drift off one)."""
+    """The CASES above, as convs and as basis convs, planned for this host and with the direct
+    conv everywhere (as the conv test runs them), reach each conv path and mode (so the tests
+    cannot drift off one)."""
     seen = set()
-    for B, C, N, H, W, kh, kw, stride, pad, dil, g in CASES:
+    for (B, C, N, H, W, kh, kw, stride, pad, dil, g), forced in itertools.product(CASES, [0, 1]):
         ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
         for M in [None] + basis_ranks(C, g):
-            plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g, M)
+            with direct_everywhere(forced):
+                plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g, M)
             if plan.how == "direct":
                 narrow, per_block, parts, copy, grid1, cb = plan.split
                 seen |= {("direct", ("wide", "narrow")[narrow]), ("direct", "parts", parts > 1),
@@ -381,12 +402,14 @@ def vector_width_child(width):
     assert sgemm.VW == width and sgemm.DIRECT_TILES[0][1] == 4, (sgemm.VW, sgemm.DIRECT_TILES)
     test_random_shapes_match_reference()
     kinds = set()
-    for B, C, N, H, W, kh, kw, stride, pad, dil, g in CASES:
+    for (B, C, N, H, W, kh, kw, stride, pad, dil, g), forced in itertools.product(CASES, [0, 1]):
         ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
         x, w, b = rand(B, C, H, W), rand(N, C // g, kh, kw, seed=1), rand(N, seed=2)
         want = OPS["conv2d"].reference(conv_node(w, b, stride, pad, dil, g), x)
-        close(conv2d_fast(x, w, b, stride, pad, dil, g, "zeros", ("relu",)), np.maximum(want, 0))
-        for M in [None] + basis_ranks(C, g):
+        with direct_everywhere(forced):
+            close(conv2d_fast(x, w, b, stride, pad, dil, g, "zeros", ("relu",)),
+                  np.maximum(want, 0))
+        for M in ([] if forced else [None] + basis_ranks(C, g)):
             plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g, M)
             kinds.add(("grid" if plan.grid else "gather") if plan.how == "packed" else plan.how)
             if M is not None:

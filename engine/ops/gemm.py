@@ -913,9 +913,10 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                least as large as the stride (a 1x1 strided conv would copy 4x the input it
                reads: 2-3x slower than packed), whose tiles compute at most DIRECT_WASTE times
                the MACs needed (plain convs with at most DIRECT_STREAMED outputs per channel:
-               whatever they compute). 440-490 GFLOP/s on VGG's 3x3 layers from 32x32 to 4x4,
-               where the packed path ran at 330-410 (no gather, no row-panel waste, the
-               epilogue on stage rows in cache); basis convs 1.1-1.5x faster than packed at
+               whatever they compute), plain convs only where direct_beats_packed (the
+               register count decides). AVX-512: 440-490 GFLOP/s on VGG's 3x3 layers from
+               32x32 to 4x4, where the packed path ran at 330-410 (no gather, no row-panel
+               waste, the epilogue on stage rows in cache); basis convs 1.1-1.5x faster than packed at
                batch 16 (8x8, 4x4, and 32x32 at stride 2). Over the input grid (grid1): basis
                convs with few filters (M = 12 at 32x32: 1.9x faster than kn2row) and convs at
                stride 1 with K < DIRECT_MIN_K (VGG's first conv 3 -> 64 at 32x32, batch 16:
@@ -946,8 +947,11 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         # the time; not so for basis convs: batched kn2row 1.6x faster at 2x2, batch 2). Basis
         # convs with fewer blocks than threads would repeat stage 1 in each part: 1.2-1.8x
         # slower than the other paths at batch 1, also when run as two direct convs.
-        if ((waste <= DIRECT_WASTE or (M is None and B * P <= DIRECT_STREAMED))
-                and (M is None and not split[4] or split[2] == 1)):
+        streamed = M is None and B * P <= DIRECT_STREAMED
+        if ((waste <= DIRECT_WASTE or streamed)
+                and (M is None and not split[4] or split[2] == 1)
+                and (M is not None or split[4] or streamed
+                     or direct_beats_packed(B, wo, stride, T))):
             # (grid1 does not split panels: it needs as many blocks as threads)
             return ConvPlan("direct", False, False, tuple(split), scratch, 0)
     if groups == 1 and B * P >= NR and not (kn2row and P >= PER_IMAGE_MIN):
@@ -976,6 +980,17 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         per_image = (C * kh * kw + N + (0 if M is None else groups * M)) * P
     per = max(1, BATCH_COLS_CAP // per_image)
     return ConvPlan("batched", kn2row, False, (min(B, per),), min(B, per) * per_image, 0)
+
+
+def direct_beats_packed(B, wo, stride, T) -> bool:
+    """Whether a plain conv runs faster by the direct conv's tiles than by the packed path
+    (measured on VGG-16's and ResNet-18's 3x3 layers, batch 16 and 1): with AVX-512's 32
+    registers (MR 12) everywhere, 1.1-1.5x; with 16 (AVX2, Zen 3) only at stride 1 from 16
+    output columns (32 at batch 1): there 1.04-1.14x, while the packed path was 1.14-1.21x
+    faster on 8x8 and 4x4 layers, strided ones, and 16x16 at batch 1 (the packed path's
+    register tile holds 6 filters x 16 positions over K blocked in L1; the direct tile's
+    weight panel spans all of K)."""
+    return MR == 12 or (tuple(stride) == (1, 1) and wo >= (32 if B < T else 16))
 
 
 @functools.lru_cache(maxsize=4096)
