@@ -73,8 +73,11 @@ class Op:
         """What a plan step executes: run, then + residual (a fused add) and the activation
         `act` (activation.apply_act), the unfused ops' arithmetic in their order. Ops whose
         kernels apply these in their epilogue override it."""
+        y = self.run(node, *xs)
+        if residual is None and act is None:
+            return y
         from .activation import residual_then_act  # activation imports this module
-        return residual_then_act(self.run(node, *xs), residual, act)
+        return residual_then_act(y, residual, act)
 
     # --- counting -------------------------------------------------------------------------
     def cost(self, node: Node, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> Cost:
