@@ -11,16 +11,19 @@ against Numba's. NumPy's own BLAS is left as the user set it; the engine does no
 any hot path.
 
 Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per image:
-  direct      (one group, K = C*kh*kw >= DIRECT_MIN_K, tiles wasting little) `_conv_direct`: no
-              im2col. Register tiles of a few output rows x 4 (or 2) adjacent columns x 32
-              channels, each summed over all of K from the input read in place through a table
-              of tap offsets (sgemm's direct micro-kernel: input values broadcast, weights as
-              32-wide panels), transposed in registers into a stage whose rows get the epilogue.
-              Work in blocks of output rows, each task copying its block's zero-padded input
-              (split by stride phase) into its own scratch. A basis conv runs its stages there
+  direct      (one group, K = C*kh*kw >= DIRECT_MIN_K, tiles wasting little; plain convs
+              only where direct_beats_packed: with AVX2 at stride 1 on wide images)
+              `_conv_direct`: no im2col. Register tiles of a few output rows x 4 (or 2)
+              adjacent columns x NR channels, each summed over all of K from the input read in
+              place through a table of tap offsets (sgemm's direct micro-kernel: input values
+              broadcast, weights as NR-wide panels), transposed in registers into a stage whose
+              rows get the epilogue. Work in blocks of output rows, each task copying its
+              block's zero-padded input (split by stride phase; 8 channels interleaved on large
+              planes) into its own scratch; a thread done with its run of blocks takes the
+              others' last ones. A basis conv runs its stages there
               too: the block's basis responses, then the combine as a 1x1 conv over them. Few
               filters (basis M = 12; convs with K < DIRECT_MIN_K at stride 1) run over the
-              input grid instead ("grid1": the GEMM micro-kernel, filters broadcast, 32
+              input grid instead ("grid1": the GEMM micro-kernel, filters broadcast, NR
               window corners as the vectors).
   packed      (one group, B*P >= NR; not for basis convs whose stage 1 is kn2row per image)
               `_conv_packed`: weights packed once (sgemm.pack_rows); the output positions cut
