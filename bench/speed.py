@@ -316,8 +316,8 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
 
 INTRO = (f"{HEADING}\n\nbench/speed.py: the engine, PyTorch eager and ONNX Runtime on the same "
          "models and inputs in one process, interleaved (see the script's docstring). One subsection "
-         "per OpenBLAS kernel choice; a run rewrites its own and keeps the others and the "
-         "hand-written Notes.\n")
+         "per engine kernel width and OpenBLAS kernel choice; a run rewrites its own and keeps the "
+         "others and the hand-written Notes.\n")
 
 
 def speed_section(old: str, text: str, title: str) -> str:
