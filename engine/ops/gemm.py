@@ -589,15 +589,15 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     images that it wrote in the layer before; a thread done with its run takes the last units
     of the others (_unit, _claim). A unit copies its block's input rows (_pad_planes; cb
     channels interleaved) into its thread's scratch, or reads x itself (copy False: stride 1,
-    unpadded, W' a multiple of TX). A basis conv first writes the block's basis responses (Mp, RB, ld),
-    then combines them by the same micro-kernel (a 1x1 conv of M channels over them). grid1
-    (stride 1, copy): the responses by the GEMM micro-kernel instead (wt = pack_rows(basis)),
-    MR basis filters x NR adjacent window corners of the block's input grid (rows of Wq corners,
-    the Wq - W' past each row computed and dropped), so that a few filters (M = 12) fill the
-    tile: the vectors run along the image, not the filters; the combine then runs over the
-    grid too (ct = pack_rows(combine)), MR output channels at a time into the stage (MR, S1),
-    whose rows get the epilogue. A conv with grid1 (wt = pack_rows(weight)) is the first stage
-    alone, its responses the output (K < DIRECT_MIN_K: first layers).
+    unpadded, W' a multiple of TX). A basis conv first writes the block's basis responses
+    (Mp, RB, ld), then combines them by the same micro-kernel (a 1x1 conv of M channels over
+    them). grid1 (stride 1, copy): the responses by the GEMM micro-kernel instead (wt =
+    pack_rows(basis)), MR basis filters x NR adjacent window corners of the block's input grid
+    (rows of Wq corners, the Wq - W' past each row computed and dropped), so that a few filters
+    (M = 12) fill the tile: the vectors run along the image, not the filters; the combine then
+    runs over the grid too (ct = pack_rows(combine)), MR output channels at a time into the
+    stage (MR, S1), whose rows get the epilogue. A conv with grid1 (wt = pack_rows(weight)) is
+    the first stage alone, its responses the output (K < DIRECT_MIN_K: first layers).
     ws: a row per thread: the stage (NR, NY, ld), ld = W' rounded up to TX, or with grid1
     (MR, S1); the responses (two or grid1): (Mp, RB, ld), RB = per_block rounded up to NY, or
     with grid1 (Mp, S1), S1 = images x G, G = an image's grid rows x Wq rounded up to NR; the
@@ -812,8 +812,9 @@ def plan_packed(B, cols, K, Np, Mp, T, grid):
 
 def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, tiles=True):
     """(narrow, rows per block, panel parts, copy, grid1, channel block, scratch per thread,
-    MACs computed per MAC needed: rows, columns and channels rounded up to whole tiles) of _conv_direct, Hq x Wq the
-    planes of one stride phase, padded: any zero padding, M the basis rank (None: a conv).
+    MACs computed per MAC needed: rows, columns and channels rounded up to whole tiles) of
+    _conv_direct, Hq x Wq the planes of one stride phase, padded: any zero padding, M the basis
+    rank (None: a conv).
     Blocks: a thread's share of the images when the layer has more weights than input values
     (weight-bound: late layers; its thread then streams the weights once); else whole images,
     as many as fit DIRECT_BLOCK_VALUES, or else bands of one image that do; as many blocks as a
@@ -826,7 +827,8 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
     Copy: a task copies its block's input unless x can be read in place (stride 1, unpadded,
     W' a multiple of TX); read by tiles, the copy interleaves CHANNEL_BLOCK channels (where C
     is a multiple), the weights' K in that order (blocked_k): a tile's taps then run along
-    cache lines, not across planes (VGG-16's 64 -> 64 conv at 32x32, AVX2: 1.2x faster).
+    cache lines, not across planes (AVX2: 5-6% faster at 32x32, 16x16 and stride 2; neutral
+    to 2% slower on smaller planes, hence BLOCKED_PLANE).
     Grid1 (stride 1): the basis responses, or a conv's output, over the
     input grid (filters rounded up to MR, Wq corners per output row) where that computes fewer
     MACs than the tiles (filters rounded up to NR), or always when the tiles may not be used
@@ -916,11 +918,11 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                whatever they compute), plain convs only where direct_beats_packed (the
                register count decides). AVX-512: 440-490 GFLOP/s on VGG's 3x3 layers from
                32x32 to 4x4, where the packed path ran at 330-410 (no gather, no row-panel
-               waste, the epilogue on stage rows in cache); basis convs 1.1-1.5x faster than packed at
-               batch 16 (8x8, 4x4, and 32x32 at stride 2). Over the input grid (grid1): basis
-               convs with few filters (M = 12 at 32x32: 1.9x faster than kn2row) and convs at
-               stride 1 with K < DIRECT_MIN_K (VGG's first conv 3 -> 64 at 32x32, batch 16:
-               0.46 -> 0.22 ms), when there are at least as many blocks as threads.
+               waste, the epilogue on stage rows in cache); basis convs 1.1-1.5x faster than
+               packed at batch 16 (8x8, 4x4, and 32x32 at stride 2). Over the input grid
+               (grid1): basis convs with few filters (M = 12 at 32x32: 1.9x faster than kn2row)
+               and convs at stride 1 with K < DIRECT_MIN_K (VGG's first conv 3 -> 64 at 32x32,
+               batch 16: 0.46 -> 0.22 ms), when there are at least as many blocks as threads.
       packed   one group, at least NR columns, except basis convs whose stage 1 runs by kn2row
                per image (P >= PER_IMAGE_MIN): kn2row reads each input value once where im2col
                gathers it kh*kw times, which with few basis filters costs more than the multiply

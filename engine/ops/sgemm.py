@@ -243,7 +243,8 @@ def _direct_micro(NY, TX):
 # 32 registers 3 x 4 and 4 x 2 positions (24 and 16 accumulators; the narrow 1-3% slower);
 # with 16 registers 1 x 4 and 3 x 2 (8 and 12 accumulators: the 1 x 4 tile's 8 FMA chains do
 # not hide the FMA latency, and the 3 x 2 ran 7-25% faster on AVX2, Zen 3)
-DIRECT_TILES, DIRECT_NARROW_COST = (((3, 4), (4, 2)), 1.03) if MR == 12 else (((1, 4), (3, 2)), 0.88)
+DIRECT_TILES, DIRECT_NARROW_COST = ((((3, 4), (4, 2)), 1.03) if MR == 12
+                                   else (((1, 4), (3, 2)), 0.88))
 _direct_wide = _direct_micro(*DIRECT_TILES[0])
 _direct_narrow = _direct_micro(*DIRECT_TILES[1])
 
