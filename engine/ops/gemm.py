@@ -32,6 +32,10 @@ Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per ima
               wide images read in place ("grid", `plan_conv`); the micro-kernel writes a C chunk
               whose epilogue goes to the output. Split by chunks, or by output rows when a
               layer has fewer columns than rows (weight-bound).
+  streamed    (basis convs of one group, NR/2 < B*P <= NR: batch 1 at 4x4) `_basis_streamed`:
+              weight-bound, so split by weights in three phases: the input padded and gathered
+              into one im2col panel (split by channels), the basis responses (split by basis
+              rows), the combine and epilogue (split by output rows).
   per image   (P >= PER_IMAGE_MIN) tasks are (image, band of output rows), in contiguous runs
               per thread; each task im2cols its band into its thread's scratch, runs the
               GEMM(s) straight into the output and applies the epilogue there, in cache.
@@ -340,6 +344,58 @@ def _batched(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, dh
             r0, r1, c0, c1 = _split(s, T, N, BP, split2)
             _grouped_gemm(w1, K, groups, r0, r1, c0, c1, cf, BP, K, tf, BP)
             _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P)
+
+
+@njit(cache=True, parallel=True)
+def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res,
+                    has_res, act, a0, a1, out, xpf, cols, resp, tmp, T):
+    """Basis conv (wp = pack_rows(basis (M, K)), cp = pack_rows(combine (N, M), k_pad=Mp)) of
+    at most NR output positions in all (weight-bound: batch 1 at 4x4 and below), in three
+    phases split by what each thread streams once: by channels, x zero-padded into xpf (B, C,
+    Hp, Wp) and gathered into the im2col panel cols (K, NR) (columns past B*H'*W' repeat the
+    last); by basis row panels, resp (Mp, NR) = basis @ cols, KC rows of cols at a time (they
+    stay in L1); by output row panels, tmp (Np, NR) = combine @ resp and the epilogue into
+    out (B, N, H'*W'). (_im2col's per-row set-up took longer than the multiply at 4x4.)"""
+    B, C = x.shape[0], x.shape[1]
+    N, P = out.shape[1], out.shape[2]
+    K = C * kh * kw
+    Mp = resp.shape[0]
+    Np = tmp.shape[0]
+    plane = Hp * Wp
+    colbase = np.empty(NR, np.intp)         # each column's window corner in xpf
+    for q in range(NR):
+        g = min(q, B * P - 1)
+        b, p = g // P, g % P
+        colbase[q] = (b * C * Hp + p // wo * sh) * Wp + p % wo * sw
+    delta = np.empty(K, np.intp)            # im2col row (c*kh + i)*kw + j's tap offset in xpf
+    for k in range(K):
+        delta[k] = (k // (kh * kw) * Hp + k // kw % kh * dh) * Wp + k % kw * dw
+    boff = np.arange(max(K, Mp)) * NR       # row p of cols / resp
+    sf = resp.ravel()
+    tf = tmp.ravel()
+    of = out.ravel()
+    rf = res.ravel()
+    for t in prange(T):
+        c0, c1 = C * t // T, C * (t + 1) // T
+        for b in range(B):
+            t0 = b * C + c0
+            _pad_planes(x, t0, t0 + c1 - c0, 0, Hp, pt, pl, 1, 1, Wp,
+                        xpf[t0 * plane:(t0 + c1 - c0) * plane])
+        _pack_cols(xpf, colbase, delta, c0 * kh * kw, (c1 - c0) * kh * kw, 1,
+                   cols[c0 * kh * kw * NR:])
+    for t in prange(T):
+        for k0 in range(0, K, KC):
+            for s in range(Mp // MR * t // T, Mp // MR * (t + 1) // T):
+                _micro(min(KC, K - k0), wp, (s * K + k0) * MR, cols, 0, boff, k0, sf,
+                       s * MR * NR, NR, k0 > 0)
+    for t in prange(T):
+        s0, s1 = Np // MR * t // T, Np // MR * (t + 1) // T
+        for s in range(s0, s1):
+            _micro(Mp, cp, s * Mp * MR, sf, 0, boff, 0, tf, s * MR * NR, NR, False)
+        for n in range(s0 * MR, min(N, s1 * MR)):
+            for b in range(B):
+                o = (b * N + n) * P
+                _finish(of, o, tf, n * NR + b * P, P, bias[n], rf, o, has_res, act, a0, a1)
 
 
 @njit(cache=True)
@@ -892,20 +948,22 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
 
 class ConvPlan(NamedTuple):
     """How conv_gemm runs a conv's shapes (plan_conv)."""
-    how: str          # "direct" (_conv_direct), "packed" (_conv_packed), "image" (per image)
-                      # or "batched" (whole batch)
+    how: str          # "direct" (_conv_direct), "packed" (_conv_packed), "streamed"
+                      # (_basis_streamed), "image" (per image) or "batched" (whole batch)
     kn2row: bool      # basis stage 1 by kn2row (image / batched)
     grid: bool        # packed: the input read in place
     split: tuple      # direct: (narrow, rows per block, parts, copy, grid1, channel block);
                       # packed: (nch, parts); image: (bands per image,);
                       # batched: (images per group,)
-    scratch: int      # kernel scratch values per thread (direct, packed, image) or per group
+    scratch: int      # kernel scratch values per thread (direct, packed, image), per group
+                      # (batched) or in all (streamed)
     padded: int       # packed: values of the zero-padded input copy, margin included
 
     @property
     def workspace(self) -> int:
         """Scratch values conv_gemm allocates (at most, over thread counts)."""
-        return self.scratch if self.how == "batched" else threads() * self.scratch + self.padded
+        return (self.scratch if self.how in ("batched", "streamed")
+                else threads() * self.scratch + self.padded)
 
 
 def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=None) -> ConvPlan:
@@ -931,6 +989,11 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                (rounded up to register tiles), is at most GRID_WASTE times the H'W' outputs
                (1.27x faster than gathering at 32x32 with K = 576; 10% slower at 16x16, which
                computes 12.5% more, and with K = 27).
+      streamed basis convs of one group with NR/2 < B*H'*W' <= NR output positions in all
+               (batch 1 at 4x4): weight-bound, so each stage's weights are split over the
+               threads (the packed path split only the combine, each thread computing all of
+               stage 1: 4x4, 512 -> 102 -> 512 at batch 1 took 1.5-1.8x as long). With at
+               most NR/2 positions (2x2 at batch 1) the tile's waste lost to batched BLAS.
       image    P >= PER_IMAGE_MIN, else batched."""
     B, C, H, W = x_shape
     T = threads()
@@ -938,6 +1001,9 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
     Kg = C // groups * kh * kw
     kn2row = use_kn2row(C // groups, M, stride)
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
+    if M is not None and groups == 1 and NR // 2 < B * P <= NR:
+        up = lambda v: -(-v // MR) * MR        # noqa: E731
+        return ConvPlan("streamed", False, False, (), B * C * Hp * Wp + (Kg + up(M) + up(N)) * NR, 0)
     if (groups == 1 and kh >= stride[0] and kw >= stride[1]
             and (Kg >= DIRECT_MIN_K or tuple(stride) == (1, 1))):
         sh, sw = stride
@@ -1058,6 +1124,16 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
         ws = np.empty((T, plan.scratch), np.float32)
         _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res3, has_res, code, a0,
                      a1, sh, sw, ho, wo, plan.grid, *plan.split, out, ws)
+    elif plan.how == "streamed":
+        Mp = -(-M // MR) * MR
+        wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
+        cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, Mp))
+        xpf = np.empty(B * C * Hp * Wp, np.float32)          # (B, C, Hp, Wp)
+        cols = np.empty(Cg * kh * kw * NR, np.float32)       # (K, NR)
+        resp = np.empty((Mp, NR), np.float32)
+        tmp = np.empty((-(-N // MR) * MR, NR), np.float32)   # (Np, NR)
+        _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res3,
+                        has_res, code, a0, a1, out, xpf, cols, resp, tmp, T)
     elif plan.kn2row:
         wk = kn2row_weights(w1, groups)
         if plan.how == "image":
