@@ -954,7 +954,7 @@ class ConvPlan(NamedTuple):
     grid: bool        # packed: the input read in place
     split: tuple      # direct: (narrow, rows per block, parts, copy, grid1, channel block);
                       # packed: (nch, parts); image: (bands per image,);
-                      # batched: (images per group,)
+                      # batched: (images per group,); streamed: ()
     scratch: int      # kernel scratch values per thread (direct, packed, image), per group
                       # (batched) or in all (streamed)
     padded: int       # packed: values of the zero-padded input copy, margin included
