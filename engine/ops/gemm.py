@@ -346,6 +346,26 @@ def _batched(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, dh
             _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P)
 
 
+@njit(cache=True)
+def _tap_offsets(C, kh, kw, dh, dw, Hp, Wp):
+    """Each im2col row (c*kh + i)*kw + j's tap offset in a zero-padded input (C, Hp, Wp)."""
+    delta = np.empty(C * kh * kw, np.intp)
+    for k in range(C * kh * kw):
+        delta[k] = (k // (kh * kw) * Hp + k // kw % kh * dh) * Wp + k % kw * dw
+    return delta
+
+
+@njit(cache=True)
+def _window_corners(colbase, q0, nq, P, C, Hp, Wp, wo, sh, sw):
+    """colbase[q] = the window corner in a zero-padded input (B, C, Hp, Wp) of output column
+    q0 + q of the batch's B*P (P = H'*W' per image); entries past nq repeat the last column."""
+    for q in range(colbase.size):
+        g = q0 + min(q, nq - 1)
+        b = g // P
+        p = g - b * P
+        colbase[q] = (b * C * Hp + p // wo * sh) * Wp + p % wo * sw
+
+
 @njit(cache=True, parallel=True)
 def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res,
                     has_res, act, a0, a1, out, xpf, cols, resp, tmp, T):
@@ -362,14 +382,9 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
     Mp = resp.shape[0]
     Np = tmp.shape[0]
     plane = Hp * Wp
-    colbase = np.empty(NR, np.intp)         # each column's window corner in xpf
-    for q in range(NR):
-        g = min(q, B * P - 1)
-        b, p = g // P, g % P
-        colbase[q] = (b * C * Hp + p // wo * sh) * Wp + p % wo * sw
-    delta = np.empty(K, np.intp)            # im2col row (c*kh + i)*kw + j's tap offset in xpf
-    for k in range(K):
-        delta[k] = (k // (kh * kw) * Hp + k // kw % kh * dh) * Wp + k % kw * dw
+    colbase = np.empty(NR, np.intp)
+    _window_corners(colbase, 0, B * P, P, C, Hp, Wp, wo, sh, sw)
+    delta = _tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
     boff = np.arange(max(K, Mp)) * NR       # row p of cols / resp
     sf = resp.ravel()
     tf = tmp.ravel()
@@ -495,9 +510,7 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
     K = C * kh * kw
     R1 = wp.size // K                       # stage-1 rows: Np, or Mp for a basis conv
     Np = cp.size // R1 if two else R1       # output rows rounded up to MR
-    delta = np.empty(K, np.intp)            # im2col row (c*kh + i)*kw + j's tap offset in xpf
-    for k in range(K):
-        delta[k] = (k // (kh * kw) * Hp + k // kw % kh * dh) * Wp + k % kw * dw
+    delta = _tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
     rows = np.arange(max(KC, R1)) * NR      # a micro-panel's row offsets
     span = ho * Wp if grid else B * P       # columns per image (grid) or in all
     per = (span + nch - 1) // nch           # chunks of each
@@ -518,11 +531,7 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
             tiles = (nq + NR - 1) // NR
             img = chunk // per * C * Hp * Wp + q0   # grid: xpf offset of the chunk's corner 0
             if not grid:
-                for q in range(tiles * NR):
-                    g = q0 + min(q, nq - 1)                 # lanes past nq repeat the last
-                    b = g // P
-                    p = g - b * P
-                    colbase[q] = (b * C * Hp + p // wo * sh) * Wp + p % wo * sw
+                _window_corners(colbase[:tiles * NR], q0, nq, P, C, Hp, Wp, wo, sh, sw)
             s0 = Np // MR * part // parts
             s1 = Np // MR * (part + 1) // parts
             for k0 in range(0, K, KC):
@@ -837,6 +846,11 @@ def act_code(act) -> tuple[int, float, float, bool]:
     return code, float(act[1]) if len(act) > 1 else 0.0, float(act[2]) if len(act) > 2 else 0.0, True
 
 
+def round_up(v: int, r: int = NR) -> int:
+    """v rounded up to a multiple of r (register tiles' rows MR or columns NR)."""
+    return -(-v // r) * r
+
+
 def threads() -> int:
     """How many slices the kernels cut parallel work into: Numba's thread count at start-up
     (NUMBA_NUM_THREADS, default the cores), not numba.get_num_threads(): the cut, hence every
@@ -891,17 +905,16 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
     (tiles False: a conv with K < DIRECT_MIN_K); its blocks are sized with the responses."""
     image = C * sh * sw * Hq * Wq               # values of one image's padded input
     halo = (kh - 1) * dh // sh
-    up = lambda v, r=NR: -(-v // r) * r         # noqa: E731
     need = K * N if M is None else (K + N) * M  # weights = MACs needed per position
-    per_row = K * up(N) if M is None else M * up(N)     # MACs computed per tile position
-    per_row1 = 0 if M is None else K * up(M)            # stage 1's, when by tiles
+    per_row = K * round_up(N) if M is None else M * round_up(N)  # MACs computed per tile position
+    per_row1 = 0 if M is None else K * round_up(M)               # stage 1's, when by tiles
     best = None
     for narrow, grid1 in [(n, g) for n in (0, 1) for g in (False, True)
                           if (tiles or g) and (not g or sh == sw == 1)]:
         NY, TX = DIRECT_TILES[narrow]
         # values a block holds per image: its input, and with grid1 its responses too
-        grid_row = up(N if M is None else M, MR) * Wq if grid1 else 0   # responses per row
-        held = image + (up(ho * grid_row) if grid1 else 0)
+        grid_row = round_up(N if M is None else M, MR) * Wq if grid1 else 0  # responses per row
+        held = image + (round_up(ho * grid_row) if grid1 else 0)
         if need > B * image or (held <= DIRECT_BLOCK_VALUES and B >= T):
             per = (-(-B // T) if need > B * image
                    else min(B, max(1, DIRECT_BLOCK_VALUES // held)))
@@ -922,17 +935,17 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
             sizes = sizes * B
         ld = -(-wo // TX) * TX
         tiled = sum(-(-r // NY) * NY for r in sizes) * ld
-        G = up(min(ho, per_block) * Wq)         # grid1: an image's (or band's) responses
+        G = round_up(min(ho, per_block) * Wq)   # grid1: an image's (or band's) responses
         if grid1:                               # (and the combine over the grid too)
-            R1 = up(N if M is None else M, MR)           # rows of the grid's responses
-            grids = sum(-(-r // ho) * up(min(ho, r) * Wq) for r in sizes)  # corners computed
-            computed = grids * (K * R1 + (0 if M is None else M * up(N, MR)))
+            R1 = round_up(N if M is None else M, MR)     # rows of the grid's responses
+            grids = sum(-(-r // ho) * round_up(min(ho, r) * Wq) for r in sizes)  # corners
+            computed = grids * (K * R1 + (0 if M is None else M * round_up(N, MR)))
             S1 = per_block // ho * G if per_block >= ho else G
             stage, responses = MR * S1, R1 * S1
         else:
             computed = tiled * (per_row + per_row1)
             stage = NR * NY * ld
-            responses = 0 if M is None else up(M) * -(-per_block // NY) * NY * ld
+            responses = 0 if M is None else round_up(M) * -(-per_block // NY) * NY * ld
         cost = computed * (DIRECT_NARROW_COST if narrow else 1.0)
         if best is None or cost < best[0]:
             copy = bool(padded or sh * sw > 1 or wo % TX or grid1)
@@ -1002,8 +1015,8 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
     kn2row = use_kn2row(C // groups, M, stride)
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
     if M is not None and groups == 1 and NR // 2 < B * P <= NR:
-        up = lambda v: -(-v // MR) * MR        # noqa: E731
-        return ConvPlan("streamed", False, False, (), B * C * Hp * Wp + (Kg + up(M) + up(N)) * NR, 0)
+        scratch = B * C * Hp * Wp + (Kg + round_up(M, MR) + round_up(N, MR)) * NR
+        return ConvPlan("streamed", False, False, (), scratch, 0)
     if (groups == 1 and kh >= stride[0] and kw >= stride[1]
             and (Kg >= DIRECT_MIN_K or tuple(stride) == (1, 1))):
         sh, sw = stride
@@ -1025,9 +1038,8 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
     if groups == 1 and B * P >= NR and not (kn2row and P >= PER_IMAGE_MIN):
         grid = (tuple(stride) == (1, 1) and Kg >= KC
                 and -(-ho * Wp // NR) * NR <= GRID_WASTE * P)
-        up = lambda v: -(-v // MR) * MR
-        nch, parts, scratch = plan_packed(B, ho * Wp if grid else B * P, Kg, up(N),
-                                          0 if M is None else up(M), T, grid)
+        nch, parts, scratch = plan_packed(B, ho * Wp if grid else B * P, Kg, round_up(N, MR),
+                                          0 if M is None else round_up(M, MR), T, grid)
         # grid: B rows are read up to NR + (kw-1)*dw < NR + Wp past the last plane
         padded = B * C * Hp * Wp + (NR + Wp if grid else 0) if grid or any(padding) else 0
         return ConvPlan("packed", False, grid, (nch, parts), scratch, padded)
@@ -1114,7 +1126,7 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
                      code, a0, a1, ho, wo, *plan.split, out, ws)
     elif plan.how == "packed":
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
-        cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, -(-M // MR) * MR)) if two else wp
+        cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, round_up(M, MR))) if two else wp
         if plan.padded:
             xpf = np.empty(plan.padded, np.float32)       # (B, C, Hp, Wp), then the margin
             xpf[B * C * Hp * Wp:] = 0.0
@@ -1125,13 +1137,13 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
         _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res3, has_res, code, a0,
                      a1, sh, sw, ho, wo, plan.grid, *plan.split, out, ws)
     elif plan.how == "streamed":
-        Mp = -(-M // MR) * MR
+        Mp = round_up(M, MR)
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, Mp))
         xpf = np.empty(B * C * Hp * Wp, np.float32)          # (B, C, Hp, Wp)
         cols = np.empty(Cg * kh * kw * NR, np.float32)       # (K, NR)
-        resp = np.empty((Mp, NR), np.float32)
-        tmp = np.empty((-(-N // MR) * MR, NR), np.float32)   # (Np, NR)
+        resp = np.empty((Mp, NR), np.float32)                # (Mp, NR)
+        tmp = np.empty((round_up(N, MR), NR), np.float32)    # (Np, NR)
         _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res3,
                         has_res, code, a0, a1, out, xpf, cols, resp, tmp, T)
     elif plan.kn2row:
