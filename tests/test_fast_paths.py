@@ -79,10 +79,14 @@ CASES = [
     (2, 3, 24, 90, 90, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # direct conv over the grid, bands
     (1, 40, 32, 15, 31, 5, 2, (3, 1), (0, 0, 2, 0), (2, 1), 1),   # direct, batch 1: an image's band
     (1, 16, 96, 9, 9, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # packed, rows split (16 registers)
-    # basis: streamed (NR/2 < outputs <= NR: 16 positions with 8-wide vectors, 24 with 16, 6 with 4)
+    # basis: streamed (NR/2 < outputs <= NR: 16 positions with 8-wide vectors, 24 with 16, 8 with 4)
     (1, 72, 40, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
     (4, 20, 30, 6, 5, 3, 2, (2, 2), (1, 0, 0, 1), (1, 2), 1),
-    (1, 16, 24, 3, 2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (2, 16, 24, 2, 2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    # basis: split by K (B*H' rows and W' columns in one direct tile; and the 2x2 case above)
+    (3, 40, 24, 3, 3, 3, 3, (2, 2), (0, 0, 0, 0), (1, 1), 1),     # 3 images of 1x1, strided
+    (1, 24, 40, 1, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # one row of 4: the wide tile
+    (4, 16, 24, 1, 1, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # 4 rows: AVX-512's narrow tile
 ]
 
 
@@ -186,11 +190,13 @@ def test_cases_cover_every_conv_path():
                               else "bands" if per_block < ho else "image"))
             elif plan.how == "packed":
                 seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
+            elif plan.how == "split_k":
+                seen.add(("split_k", ("wide", "narrow")[plan.split[0]]))
             else:
                 seen.add(plan.how)
     # (packed by rows: plain convs, with 16 registers; with 32 they run direct)
     assert {"image", "batched", "streamed", ("grid", False), ("gather", False),
-            ("gather", gemm.MR != 12),
+            ("gather", gemm.MR != 12), ("split_k", "wide"), ("split_k", "narrow"),
             ("direct", "wide"), ("direct", "narrow"), ("direct", "parts", True),
             ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True),
             ("direct", "basis", True), ("direct", "channel block", 1),
@@ -423,7 +429,7 @@ def vector_width_child(width):
                 basis, comb = rand(g * M, C // g, kh, kw, seed=1), rand(N, M, seed=2)
                 want = OPS["basis_conv2d"].reference(basis_node(basis, comb, b, stride, pad, dil, g), x)
                 close(basis_conv2d_fast(x, basis, comb, b, stride, pad, dil, g, "zeros"), want)
-    assert {"direct", "gather", "grid", "image", "batched", "streamed"} <= kinds, kinds
+    assert {"direct", "gather", "grid", "image", "batched", "streamed", "split_k"} <= kinds, kinds
     a, bm = rand(37, 300), rand(300, 45, seed=1)
     c = np.empty(37 * 45, np.float32)
     sgemm.sgemm(False, 37, 45, 300, a.ravel(), 0, 300, bm.ravel(), 0, 45, c, 0, 45)

@@ -36,6 +36,11 @@ Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per ima
               weight-bound, so split by weights in three phases: the input padded and gathered
               into one im2col panel (split by channels), the basis responses (split by basis
               rows), the combine and epilogue (split by output rows).
+  split_k     (basis convs of one group whose B*H' output rows and W' columns fit in one
+              direct tile: batch 1 at 2x2 and below) `_basis_split_k`: stage 1 split by K
+              (each thread pads its channels and sums their taps' responses, by the direct
+              micro-kernel reading the padded input in place), the threads' partial responses
+              added up, then the combine split by output panels.
   per image   (P >= PER_IMAGE_MIN) tasks are (image, band of output rows), in contiguous runs
               per thread; each task im2cols its band into its thread's scratch, runs the
               GEMM(s) straight into the output and applies the epilogue there, in cache.
@@ -449,6 +454,62 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
             for b in range(B):
                 o = (b * N + n) * P
                 _finish(of, o, tf, n * NR + b * P, P, bias[n], rf, o, has_res, act, a0, a1)
+
+
+@njit(cache=True, parallel=True)
+def _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct, narrow, bias, res,
+                   has_res, act, a0, a1, out, xpf, resp, tmp, T):
+    """Basis conv (wt = pack_cols(basis (M, K)), ct = pack_cols(combine (N, M))) whose B*H'
+    output rows and W' columns fit in one direct tile (DIRECT_TILES[narrow]; batch 1 at 2x2 and
+    below), weight-bound even more than the streamed path's, so stage 1 is split by K: by
+    channels, each thread zero-pads its channels of x into xpf (B, C, Hp, Wp, then a zero
+    margin) and sums their taps' basis responses into its own resp[t] (Mq, NY*TX) by the direct
+    micro-kernel, the input read in place; then by output panels, each thread adds up the
+    threads' responses (in order), combines them into its panels of tmp (Nq, NY*TX) and applies
+    the epilogue into out (B, N, H'*W'). Column y*TX + u of resp and tmp: output row y (image
+    y // H', row y % H'), column u."""
+    B, C = x.shape[0], x.shape[1]
+    N, P = out.shape[1], out.shape[2]
+    NY, TX = DIRECT_TILES[1] if narrow else DIRECT_TILES[0]
+    ld = NY * TX
+    K = C * kh * kw
+    panels = -(-N // NR)
+    M = ct.size // (panels * NR)
+    plane = Hp * Wp
+    koff = _tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
+    roff = np.empty(NY, np.intp)       # each tile row's window corner (past the last: the last)
+    for y in range(NY):
+        q = min(y, B * ho - 1)
+        roff[y] = (q // ho * C * Hp + q % ho * sh) * Wp
+    koff1 = _steps(M, ld)              # stage 2: response m's row
+    roff1 = _steps(NY, TX)
+    of = out.ravel()
+    rf = res.ravel()
+    for t in prange(T):
+        c0, c1 = C * t // T, C * (t + 1) // T
+        for b in range(B):
+            t0 = b * C + c0
+            _pad_planes(x, t0, t0 + c1 - c0, 0, Hp, pt, pl, 1, 1, Wp,
+                        xpf[t0 * plane:(t0 + c1 - c0) * plane])
+        k0, k1 = c0 * kh * kw, c1 * kh * kw
+        for pb in range(wt.size // (K * NR)):
+            _direct_row(narrow, k1 - k0, xpf, sw, koff[k0:], roff, wt, (pb * K + k0) * NR,
+                        resp[t], pb * NR * ld, ld, TX, TX)
+    for t in prange(T):
+        summed = np.empty(M * ld, np.float32)
+        for q in range(M * ld):
+            v = resp[0, q]
+            for u in range(1, T):
+                v += resp[u, q]
+            summed[q] = v
+        for panel in range(panels * t // T, panels * (t + 1) // T):
+            _direct_row(narrow, M, summed, 1, koff1, roff1, ct, panel * M * NR, tmp,
+                        panel * NR * ld, ld, TX, TX)
+            for n in range(panel * NR, min(N, panel * NR + NR)):
+                for y in range(B * ho):
+                    o = (y // ho * N + n) * P + y % ho * wo
+                    _finish(of, o, tmp, n * ld + y * TX, wo, bias[n], rf, o, has_res, act, a0,
+                            a1)
 
 
 @njit(cache=True)
@@ -995,20 +1056,21 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
 class ConvPlan(NamedTuple):
     """How conv_gemm runs a conv's shapes (plan_conv)."""
     how: str          # "direct" (_conv_direct), "packed" (_conv_packed), "streamed"
-                      # (_basis_streamed), "image" (per image) or "batched" (whole batch)
+                      # (_basis_streamed), "split_k" (_basis_split_k), "image" (per image)
+                      # or "batched" (whole batch)
     kn2row: bool      # basis stage 1 by kn2row (image / batched)
     grid: bool        # packed: the input read in place
     split: tuple      # direct: (narrow, rows per block, parts, copy, grid1, channel block);
                       # packed: (nch, parts); image: (bands per image,);
-                      # batched: (images per group,); streamed: ()
+                      # batched: (images per group,); streamed: (); split_k: (narrow,)
     scratch: int      # kernel scratch values per thread (direct, packed, image), per group
-                      # (batched) or in all (streamed)
+                      # (batched) or in all (streamed, split_k)
     padded: int       # packed: values of the zero-padded input copy, margin included
 
     @property
     def workspace(self) -> int:
         """Scratch values conv_gemm allocates (at most, over thread counts)."""
-        return (self.scratch if self.how in ("batched", "streamed")
+        return (self.scratch if self.how in ("batched", "streamed", "split_k")
                 else threads() * self.scratch + self.padded)
 
 
@@ -1040,6 +1102,10 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                threads (the packed path split only the combine, each thread computing all of
                stage 1: 4x4, 512 -> 102 -> 512 at batch 1 took 1.5-1.8x as long). With at
                most NR/2 positions (2x2 at batch 1) the tile's waste lost to batched BLAS.
+      split_k  basis convs of one group whose B*H' output rows and W' columns fit in one direct
+               tile (one_tile; before all others): stage 1 split by K halves each thread's
+               share of the basis, and nothing is gathered (2x2, 512 -> 102 -> 512 at batch 1:
+               190 -> 115 us against batched kn2row; 1x1: 150 -> 110 us).
       image    P >= PER_IMAGE_MIN, else batched."""
     B, C, H, W = x_shape
     T = threads()
@@ -1047,6 +1113,12 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
     Kg = C // groups * kh * kw
     kn2row = use_kn2row(C // groups, M, stride)
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
+    tile = one_tile(B, ho, wo)
+    if M is not None and groups == 1 and tile is not None:
+        NY, TX = DIRECT_TILES[tile]
+        scratch = (B * C * Hp * Wp + (TX - 1) * stride[1]
+                   + (T * round_up(M) + round_up(N)) * NY * TX)
+        return ConvPlan("split_k", False, False, (tile,), scratch, 0)
     if M is not None and groups == 1 and NR // 2 < B * P <= NR:
         scratch = B * C * Hp * Wp + (Kg + round_up(M, MR) + round_up(N, MR)) * NR
         return ConvPlan("streamed", False, False, (), scratch, 0)
@@ -1093,6 +1165,14 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         per_image = (C * kh * kw + N + (0 if M is None else groups * M)) * P
     per = max(1, BATCH_COLS_CAP // per_image)
     return ConvPlan("batched", kn2row, False, (min(B, per),), min(B, per) * per_image, 0)
+
+
+def one_tile(B, ho, wo):
+    """The direct tile (0 wide, 1 narrow: DIRECT_TILES) holding all B*H' output rows and W'
+    columns, the one of more positions if both do (MR of them: their accumulators hide the
+    FMA latency best); None if neither does."""
+    fits = [n for n in (0, 1) if B * ho <= DIRECT_TILES[n][0] and wo <= DIRECT_TILES[n][1]]
+    return max(fits, key=lambda n: DIRECT_TILES[n][0] * DIRECT_TILES[n][1], default=None)
 
 
 def direct_beats_packed(B, wo, stride, T) -> bool:
@@ -1179,6 +1259,16 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
         tmp = np.empty((round_up(N, MR), NR), np.float32)    # (Np, NR)
         _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res3,
                         has_res, code, a0, a1, out, xpf, cols, resp, tmp, T)
+    elif plan.how == "split_k":
+        NY, TX = DIRECT_TILES[plan.split[0]]
+        wt = _DERIVED.get(w1, ("direct", 1), lambda: pack_cols(w1m))
+        ct = _DERIVED.get(w2, "direct", lambda: pack_cols(w2))
+        xpf = np.empty(B * C * Hp * Wp + (TX - 1) * sw, np.float32)  # (B, C, Hp, Wp), margin
+        xpf[B * C * Hp * Wp:] = 0.0
+        resp = np.empty((T, round_up(M) * NY * TX), np.float32)       # (T, Mq, NY*TX)
+        tmp = np.empty(round_up(N) * NY * TX, np.float32)             # (Nq, NY*TX)
+        _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct, plan.split[0],
+                       bias, res3, has_res, code, a0, a1, out, xpf, resp, tmp, T)
     elif plan.kn2row:
         wk = kn2row_weights(w1, groups)
         if plan.how == "image":
