@@ -35,6 +35,19 @@ def _factors(layer: nn.Module, rank: int, from_scratch: bool, seed: int):
     return svd_basis(layer.weight.detach().cpu().numpy(), groups, rank)
 
 
+def padded_conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode):
+    """F.conv2d with padding [t, l, b, r] in padding_mode: zero padding the conv itself takes
+    (the same on both sides) stays in the conv, so that an exported ONNX graph has no Pad node
+    of its own (ORT ran each as a separate op, ~1 ms a layer at batch 16); other padding goes
+    through F.pad first."""
+    t, l, b, r = padding
+    if padding_mode == "zeros" and t == b and l == r:
+        return F.conv2d(x, weight, bias, stride, (t, l), dilation, groups)
+    if t or l or b or r:
+        x = F.pad(x, (l, r, t, b), mode=_TORCH_PAD[padding_mode])
+    return F.conv2d(x, weight, bias, stride, 0, dilation, groups)
+
+
 class BasisConv2d(nn.Module):
     """Conv2d as M fixed basis filters per group and an (N, M) trainable combine."""
 
@@ -76,10 +89,8 @@ class BasisConv2d(nn.Module):
         return cls.from_conv(conv, *_factors(conv, rank, from_scratch, seed))
 
     def forward(self, x):
-        t, l, b, r = self.padding
-        if t or l or b or r:
-            x = F.pad(x, (l, r, t, b), mode=_TORCH_PAD[self.padding_mode])
-        s = F.conv2d(x, self.basis, None, self.stride, 0, self.dilation, self.groups)  # (B, G*M, H', W')
+        s = padded_conv2d(x, self.basis, None, self.stride, self.padding, self.dilation,
+                          self.groups, self.padding_mode)                      # (B, G*M, H', W')
         N, M = self.combine.shape
         return F.conv2d(s, self.combine.view(N, M, 1, 1), self.bias, groups=self.groups)
 

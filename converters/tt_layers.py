@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis_layers import _TORCH_PAD, _f32
+from .basis_layers import _TORCH_PAD, _f32, padded_conv2d
 from .torch_export import LEAF_EXPORTERS, _np, _weights, register_leaf
 from .tt import Factorization, TTReport, factorize_layers
 from engine.errors import InputError
@@ -90,10 +90,8 @@ class _KernelConv(nn.Module):
         raise NotImplementedError
 
     def forward(self, x):
-        t, l, b, r = self.padding
-        if t or l or b or r:
-            x = F.pad(x, (l, r, t, b), mode=_TORCH_PAD[self.padding_mode])
-        return F.conv2d(x, self.kernel(), self.bias, self.stride, 0, self.dilation)
+        return padded_conv2d(x, self.kernel(), self.bias, self.stride, self.padding,
+                             self.dilation, 1, self.padding_mode)
 
 
 def _geometry_of(conv: nn.Conv2d) -> dict:
