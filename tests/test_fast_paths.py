@@ -92,8 +92,8 @@ CASES = [
 
 @contextlib.contextmanager
 def direct_everywhere(forced=True):
-    """Plans made (when forced) as if the direct conv beat the packed path for every plain conv,
-    as with AVX-512's registers, so that its modes are tested whatever the host."""
+    """Plans made (when forced) as if the direct conv beat the packed path for every conv and
+    basis conv, as with AVX-512's registers, so that its modes are tested whatever the host."""
     saved = gemm.direct_beats_packed
     if forced:
         gemm.direct_beats_packed = lambda *args: True
@@ -122,18 +122,20 @@ def test_conv_gemm_matches_reference(case, forced):
               OPS["conv2d"].reference(conv_node(w, None, stride, pad, dil, g), x))
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["planned", "direct everywhere"])
 @pytest.mark.parametrize("case", CASES)
-def test_basis_conv_matches_reference(case):
+def test_basis_conv_matches_reference(case, forced):
     B, C, N, H, W, kh, kw, stride, pad, dil, g = case
     for M in basis_ranks(C, g):
         x, basis, comb = rand(B, C, H, W), rand(g * M, C // g, kh, kw, seed=1), rand(N, M, seed=2)
         b = rand(N, seed=3)
         want = OPS["basis_conv2d"].reference(basis_node(basis, comb, b, stride, pad, dil, g), x)
         res = rand(*want.shape, seed=4)
-        got = basis_conv2d_fast(x, basis, comb, b, stride, pad, dil, g, "zeros", ("relu",), res)
-        close(got, np.maximum(want + res, 0), np.abs(want + res).max())
-        close(basis_conv2d_fast(x, basis, comb, None, stride, pad, dil, g, "zeros"),
-              OPS["basis_conv2d"].reference(basis_node(basis, comb, None, stride, pad, dil, g), x))
+        with direct_everywhere(forced):
+            got = basis_conv2d_fast(x, basis, comb, b, stride, pad, dil, g, "zeros", ("relu",), res)
+            close(got, np.maximum(want + res, 0), np.abs(want + res).max())
+            close(basis_conv2d_fast(x, basis, comb, None, stride, pad, dil, g, "zeros"),
+                  OPS["basis_conv2d"].reference(basis_node(basis, comb, None, stride, pad, dil, g), x))
 
 
 def test_random_shapes_match_reference():
@@ -422,13 +424,15 @@ def vector_width_child(width):
         with direct_everywhere(forced):
             close(conv2d_fast(x, w, b, stride, pad, dil, g, "zeros", ("relu",)),
                   np.maximum(want, 0))
-        for M in ([] if forced else [None] + basis_ranks(C, g)):
-            plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g, M)
-            kinds.add(("grid" if plan.grid else "gather") if plan.how == "packed" else plan.how)
-            if M is not None:
-                basis, comb = rand(g * M, C // g, kh, kw, seed=1), rand(N, M, seed=2)
-                want = OPS["basis_conv2d"].reference(basis_node(basis, comb, b, stride, pad, dil, g), x)
-                close(basis_conv2d_fast(x, basis, comb, b, stride, pad, dil, g, "zeros"), want)
+        for M in ([] if forced else [None]) + basis_ranks(C, g):
+            with direct_everywhere(forced):
+                plan = gemm.plan_conv((B, C, H, W), N, kh, kw, ho, wo, stride, pad, dil, g, M)
+                kinds.add(("grid" if plan.grid else "gather") if plan.how == "packed" else plan.how)
+                if M is not None:
+                    basis, comb = rand(g * M, C // g, kh, kw, seed=1), rand(N, M, seed=2)
+                    want = OPS["basis_conv2d"].reference(
+                        basis_node(basis, comb, b, stride, pad, dil, g), x)
+                    close(basis_conv2d_fast(x, basis, comb, b, stride, pad, dil, g, "zeros"), want)
     assert {"direct", "gather", "grid", "image", "batched", "streamed", "split_k"} <= kinds, kinds
     a, bm = rand(37, 300), rand(300, 45, seed=1)
     c = np.empty(37 * 45, np.float32)

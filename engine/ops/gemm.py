@@ -11,8 +11,8 @@ against Numba's. NumPy's own BLAS is left as the user set it; the engine does no
 any hot path.
 
 Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per image:
-  direct      (one group, K = C*kh*kw >= DIRECT_MIN_K, tiles wasting little; plain convs
-              only where direct_beats_packed: with AVX2 at stride 1 on wide images)
+  direct      (one group, K = C*kh*kw >= DIRECT_MIN_K, tiles wasting little; by tiles only
+              where direct_beats_packed: with AVX2 at stride 1 on wide images)
               `_conv_direct`: no im2col. Register tiles of a few output rows x 4 (or 2)
               adjacent columns x NR channels, each summed over all of K from the input read in
               place through a table of tap offsets (sgemm's direct micro-kernel: input values
@@ -1081,7 +1081,7 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                least as large as the stride (a 1x1 strided conv would copy 4x the input it
                reads: 2-3x slower than packed), whose tiles compute at most DIRECT_WASTE times
                the MACs needed (plain convs with at most DIRECT_STREAMED outputs per channel:
-               whatever they compute), plain convs only where direct_beats_packed (the
+               whatever they compute), by tiles only where direct_beats_packed (the
                register count decides). AVX-512: 440-490 GFLOP/s on VGG's 3x3 layers from
                32x32 to 4x4, where the packed path ran at 330-410 (no gather, no row-panel
                waste, the epilogue on stage rows in cache); basis convs 1.1-1.5x faster than
@@ -1136,8 +1136,7 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         streamed = M is None and B * P <= DIRECT_STREAMED
         if ((waste <= DIRECT_WASTE or streamed)
                 and (M is None and not split[4] or split[2] == 1)
-                and (M is not None or split[4] or streamed
-                     or direct_beats_packed(B, wo, stride, T))):
+                and (split[4] or streamed or direct_beats_packed(B, wo, stride, T))):
             # (grid1 does not split panels: it needs as many blocks as threads)
             return ConvPlan("direct", False, False, tuple(split), scratch, 0)
     if groups == 1 and B * P >= NR and not (kn2row and P >= PER_IMAGE_MIN):
@@ -1176,13 +1175,14 @@ def one_tile(B, ho, wo):
 
 
 def direct_beats_packed(B, wo, stride, T) -> bool:
-    """Whether a plain conv runs faster by the direct conv's tiles than by the packed path
-    (measured on VGG-16's and ResNet-18's 3x3 layers, batch 16 and 1): with AVX-512's 32
+    """Whether a conv or basis conv runs faster by the direct conv's tiles than by the packed
+    path (measured on VGG-16's and ResNet-18's 3x3 layers, batch 16 and 1): with AVX-512's 32
     registers (MR 12) everywhere, 1.1-1.5x; with 16 (AVX2, Zen 3) only at stride 1 from 16
     output columns (32 at batch 1): there 1.04-1.14x, while the packed path was 1.14-1.21x
     faster on 8x8 and 4x4 layers, strided ones, and 16x16 at batch 1 (the packed path's
     register tile holds 6 filters x 16 positions over K blocked in L1; the direct tile's
-    weight panel spans all of K)."""
+    weight panel spans all of K). Basis convs likewise on AVX2 at batch 16: the packed path
+    1.05x faster at 8x8, 1.1-1.15x at 4x4, 1.25x at 2x2 (BasisConv VGG-16 7-10% faster)."""
     return MR == 12 or (tuple(stride) == (1, 1) and wo >= (32 if B < T else 16))
 
 
