@@ -59,7 +59,7 @@ CASES = [
     (5, 16, 32, 20, 20, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 4),   # 1x1 stride 2, grouped
     (4, 32, 24, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # batched, split by columns
     (1, 64, 96, 2, 2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # direct, few outputs per weight
-    (1, 24, 96, 4, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # basis: packed, rows split
+    (1, 24, 96, 4, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # basis: streamed, 2 tiles (AVX2)
     (1, 8, 4, 40, 40, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # per image, 2 bands
     (2, 8, 8, 9, 10, 3, 3, (1, 1), (1, 0, 2, 1), (2, 1), 2),
     (1, 12, 6, 30, 31, 3, 2, (1, 1), (2, 1, 0, 1), (2, 2), 2),
@@ -79,8 +79,10 @@ CASES = [
     (2, 3, 24, 90, 90, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # direct conv over the grid, bands
     (1, 40, 32, 15, 31, 5, 2, (3, 1), (0, 0, 2, 0), (2, 1), 1),   # direct, batch 1: an image's band
     (1, 16, 96, 9, 9, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # packed, rows split (16 registers)
-    # basis: streamed (NR/2 < outputs <= NR: 16 positions with 8-wide vectors, 24 with 16, 8 with 4)
+    # basis: streamed (NR/2 < outputs <= 2*NR: one tile of 16 positions with 8-wide vectors,
+    # 24 with 16, 8 with 4; two tiles of 24-32, 48, 16)
     (1, 72, 40, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (3, 16, 24, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
     (4, 20, 30, 6, 5, 3, 2, (2, 2), (1, 0, 0, 1), (1, 2), 1),
     (2, 16, 24, 2, 2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
     # basis: split by K (B*H' rows and W' columns in one direct tile; and the 2x2 case above)
@@ -194,10 +196,13 @@ def test_cases_cover_every_conv_path():
                 seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
             elif plan.how == "split_k":
                 seen.add(("split_k", ("wide", "narrow")[plan.split[0]]))
+            elif plan.how == "streamed":
+                seen.add(("streamed", "tiles", -(-B * ho * wo // gemm.NR)))
             else:
                 seen.add(plan.how)
     # (packed by rows: plain convs, with 16 registers; with 32 they run direct)
-    assert {"image", "batched", "streamed", ("grid", False), ("gather", False),
+    assert {"image", "batched", ("streamed", "tiles", 1), ("streamed", "tiles", 2),
+            ("grid", False), ("gather", False),
             ("gather", gemm.MR != 12), ("split_k", "wide"), ("split_k", "narrow"),
             ("direct", "wide"), ("direct", "narrow"), ("direct", "parts", True),
             ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True),

@@ -32,10 +32,10 @@ Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per ima
               wide images read in place ("grid", `plan_conv`); the micro-kernel writes a C chunk
               whose epilogue goes to the output. Split by chunks, or by output rows when a
               layer has fewer columns than rows (weight-bound).
-  streamed    (basis convs of one group, NR/2 < B*P <= NR: batch 1 at 4x4) `_basis_streamed`:
-              weight-bound, so split by weights in three phases: the input padded and gathered
-              into one im2col panel (split by channels), the basis responses (split by basis
-              rows), the combine and epilogue (split by output rows).
+  streamed    (basis convs of one group, NR/2 < B*P <= STREAMED_TILES*NR: batch 1 and 2 at
+              4x4) `_basis_streamed`: weight-bound, so split by weights in three phases: the
+              input padded and gathered into im2col panels (split by channels), the basis
+              responses (split by basis rows), the combine and epilogue (split by output rows).
   split_k     (basis convs of one group whose B*H' output rows and W' columns fit in one
               direct tile: batch 1 at 2x2 and below) `_basis_split_k`: stage 1 split by K
               (each thread pads its channels and sums their taps' responses, by the direct
@@ -96,6 +96,7 @@ PER_IMAGE_MIN = 256          # output positions per image from which images are 
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
 BATCH_COLS_CAP = 1 << 22     # values of the batched column matrix (16 MB): larger batches go in groups
 PACKED_CHUNK_VALUES = 1 << 17  # values of one packed task's scratch (512 KB: L2)
+STREAMED_TILES = 2           # most register tiles of output positions for the streamed path
 GRID_WASTE = 1.1             # most columns computed per output for the packed path's grid mode
 DIRECT_WASTE = 1.25          # most outputs computed per output for the direct conv
 DIRECT_MIN_K = 64            # fewest im2col rows (C*kh*kw) for the direct conv
@@ -413,24 +414,25 @@ def _window_corners(colbase, q0, nq, P, C, Hp, Wp, wo, sh, sw):
 def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res,
                     has_res, act, a0, a1, out, xpf, cols, resp, tmp, T):
     """Basis conv (wp = pack_rows(basis (M, K)), cp = pack_rows(combine (N, M), k_pad=Mp)) of
-    at most NR output positions in all (weight-bound: batch 1 at 4x4 and below), in three
-    phases split by what each thread streams once: by channels, x zero-padded into xpf (B, C,
-    Hp, Wp) and gathered into the im2col panel cols (K, NR) (columns past B*H'*W' repeat the
-    last); by basis row panels, resp (Mp, NR) = basis @ cols, KC rows of cols at a time (they
-    stay in L1); by output row panels, tmp (Np, NR) = combine @ resp and the epilogue into
-    out (B, N, H'*W'). (_im2col's per-row set-up took longer than the multiply at 4x4.)"""
+    at most STREAMED_TILES*NR output positions in all (weight-bound: batch 1 and 2 at 4x4), in
+    three phases split by what each thread streams once: by channels, x zero-padded into xpf
+    (B, C, Hp, Wp) and gathered into the im2col panels cols (tiles, K, NR) (columns past
+    B*H'*W' repeat the last); by basis row panels, resp (tiles, Mp, NR) = basis @ cols, KC rows
+    at a time (a tile's block stays in L1 across the panels); by output row panels,
+    tmp (Np, tiles*NR) = combine @ resp and the epilogue into out (B, N, H'*W'). (_im2col's
+    per-row set-up took longer than the multiply at 4x4.)"""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     K = C * kh * kw
-    Mp = resp.shape[0]
-    Np = tmp.shape[0]
+    tiles = -(-B * P // NR)
+    ld = tiles * NR                         # tmp's row
+    Mp = resp.size // ld
+    Np = tmp.size // ld
     plane = Hp * Wp
-    colbase = np.empty(NR, np.intp)
+    colbase = np.empty(ld, np.intp)
     _window_corners(colbase, 0, B * P, P, C, Hp, Wp, wo, sh, sw)
     delta = _tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
-    boff = _steps(max(K, Mp), NR)           # row p of cols / resp
-    sf = resp.ravel()
-    tf = tmp.ravel()
+    boff = _steps(max(K, Mp), NR)           # row p of a panel of cols / resp
     of = out.ravel()
     rf = res.ravel()
     for t in prange(T):
@@ -439,21 +441,25 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
             t0 = b * C + c0
             _pad_planes(x, t0, t0 + c1 - c0, 0, Hp, pt, pl, 1, 1, Wp,
                         xpf[t0 * plane:(t0 + c1 - c0) * plane])
-        _pack_cols(xpf, colbase, delta, c0 * kh * kw, (c1 - c0) * kh * kw, 1,
-                   cols[c0 * kh * kw * NR:])
+        for tile in range(tiles):
+            _pack_cols(xpf, colbase[tile * NR:], delta, c0 * kh * kw, (c1 - c0) * kh * kw, 1,
+                       cols[(tile * K + c0 * kh * kw) * NR:])
     for t in prange(T):
         for k0 in range(0, K, KC):
-            for s in range(Mp // MR * t // T, Mp // MR * (t + 1) // T):
-                _micro(min(KC, K - k0), wp, (s * K + k0) * MR, cols, 0, boff, k0, sf,
-                       s * MR * NR, NR, k0 > 0)
+            for tile in range(tiles):
+                for s in range(Mp // MR * t // T, Mp // MR * (t + 1) // T):
+                    _micro(min(KC, K - k0), wp, (s * K + k0) * MR, cols, tile * K * NR, boff,
+                           k0, resp, (tile * Mp + s * MR) * NR, NR, k0 > 0)
     for t in prange(T):
         s0, s1 = Np // MR * t // T, Np // MR * (t + 1) // T
         for s in range(s0, s1):
-            _micro(Mp, cp, s * Mp * MR, sf, 0, boff, 0, tf, s * MR * NR, NR, False)
+            for tile in range(tiles):
+                _micro(Mp, cp, s * Mp * MR, resp, tile * Mp * NR, boff, 0, tmp,
+                       s * MR * ld + tile * NR, ld, False)
         for n in range(s0 * MR, min(N, s1 * MR)):
             for b in range(B):
                 o = (b * N + n) * P
-                _finish(of, o, tf, n * NR + b * P, P, bias[n], rf, o, has_res, act, a0, a1)
+                _finish(of, o, tmp, n * ld + b * P, P, bias[n], rf, o, has_res, act, a0, a1)
 
 
 @njit(cache=True, parallel=True)
@@ -1097,11 +1103,13 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                (rounded up to register tiles), is at most GRID_WASTE times the H'W' outputs
                (1.27x faster than gathering at 32x32 with K = 576; 10% slower at 16x16, which
                computes 12.5% more, and with K = 27).
-      streamed basis convs of one group with NR/2 < B*H'*W' <= NR output positions in all
-               (batch 1 at 4x4): weight-bound, so each stage's weights are split over the
-               threads (the packed path split only the combine, each thread computing all of
-               stage 1: 4x4, 512 -> 102 -> 512 at batch 1 took 1.5-1.8x as long). With at
-               most NR/2 positions (2x2 at batch 1) the tile's waste lost to batched BLAS.
+      streamed basis convs of one group with NR/2 < B*H'*W' <= STREAMED_TILES*NR output
+               positions in all (batch 1 and 2 at 4x4): weight-bound, so each stage's weights
+               are split over the threads (the packed path split only the combine, each thread
+               computing all of stage 1: 4x4, 512 -> 102 -> 512 took 1.5-1.8x as long at batch
+               1, 1.05-1.45x at batch 2; at batch 4 and at 8x8, batch 1, no gain was measured).
+               With at most NR/2 positions (2x2 at batch 1) the tile's waste lost to batched
+               BLAS.
       split_k  basis convs of one group whose B*H' output rows and W' columns fit in one direct
                tile (one_tile; before all others): stage 1 split by K halves each thread's
                share of the basis, and nothing is gathered (2x2, 512 -> 102 -> 512 at batch 1:
@@ -1119,8 +1127,9 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         scratch = (B * C * Hp * Wp + (TX - 1) * stride[1]
                    + (T * round_up(M) + round_up(N)) * NY * TX)
         return ConvPlan("split_k", False, False, (tile,), scratch, 0)
-    if M is not None and groups == 1 and NR // 2 < B * P <= NR:
-        scratch = B * C * Hp * Wp + (Kg + round_up(M, MR) + round_up(N, MR)) * NR
+    if M is not None and groups == 1 and NR // 2 < B * P <= STREAMED_TILES * NR:
+        scratch = (B * C * Hp * Wp
+                   + round_up(B * P) * (Kg + round_up(M, MR) + round_up(N, MR)))
         return ConvPlan("streamed", False, False, (), scratch, 0)
     if (groups == 1 and kh >= stride[0] and kw >= stride[1]
             and (Kg >= DIRECT_MIN_K or tuple(stride) == (1, 1))):
@@ -1253,10 +1262,11 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
         Mp = round_up(M, MR)
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, Mp))
+        cols_ = round_up(B * P)                              # tiles * NR
         xpf = np.empty(B * C * Hp * Wp, np.float32)          # (B, C, Hp, Wp)
-        cols = np.empty(Cg * kh * kw * NR, np.float32)       # (K, NR)
-        resp = np.empty((Mp, NR), np.float32)                # (Mp, NR)
-        tmp = np.empty((round_up(N, MR), NR), np.float32)    # (Np, NR)
+        cols = np.empty(Cg * kh * kw * cols_, np.float32)    # (tiles, K, NR)
+        resp = np.empty(Mp * cols_, np.float32)              # (tiles, Mp, NR)
+        tmp = np.empty(round_up(N, MR) * cols_, np.float32)  # (Np, tiles * NR)
         _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res3,
                         has_res, code, a0, a1, out, xpf, cols, resp, tmp, T)
     elif plan.how == "split_k":
