@@ -20,6 +20,7 @@ from ..buffers import empty
 from ..errors import FormatError
 from . import Cost, Op, attr, mismatch, numel, register
 from .conv import out_size, pad2d, tap
+from .gemm import threads
 from .shape import check_axis, int_min, ints
 
 
@@ -207,19 +208,24 @@ def _pool2d(x, kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor, out):
 
 
 @njit(cache=True, parallel=True)
-def _max2x2(x, out):
+def _max2x2(x, out, T):
     """2x2 stride-2 max pooling of planes x (P, H, W) into out (P, H', W'), 2H' <= H, 2W' <= W,
-    NaN propagating as np.maximum; one prange task per plane."""
-    P = x.shape[0]
+    NaN propagating as np.maximum; T slices of the planes, read and written through flat
+    unsigned indices (a view per row made small planes 2-4x slower)."""
+    P, H, W = x.shape
     ho, wo = out.shape[1], out.shape[2]
-    for p in prange(P):
-        for oy in range(ho):
-            r0 = x[p, 2 * oy]
-            r1 = x[p, 2 * oy + 1]
-            o = out[p, oy]
-            for ox in range(wo):
-                o[ox] = np.maximum(np.maximum(r0[2 * ox], r0[2 * ox + 1]),
-                                   np.maximum(r1[2 * ox], r1[2 * ox + 1]))
+    xf = x.ravel()
+    of = out.ravel()
+    for t in prange(T):
+        for p in range(P * t // T, P * (t + 1) // T):
+            for oy in range(ho):
+                i0 = (p * H + 2 * oy) * W                # the output row's first input row
+                i1 = i0 + W
+                o = (p * ho + oy) * wo
+                for ox in range(wo):
+                    a = np.maximum(xf[np.uintp(i0 + 2 * ox)], xf[np.uintp(i0 + 2 * ox + 1)])
+                    b = np.maximum(xf[np.uintp(i1 + 2 * ox)], xf[np.uintp(i1 + 2 * ox + 1)])
+                    of[np.uintp(o + ox)] = np.maximum(a, b)
 
 
 def _run_pool(x, geometry, avg, include_pad=0, divisor=0):
@@ -230,7 +236,7 @@ def _run_pool(x, geometry, avg, include_pad=0, divisor=0):
     out = empty((B, C, ho, wo))                     # (B, C, H', W'), recycled (buffers.py)
     if not avg and (kh, kw, sh, sw, ph, pw, dh, dw) == (2, 2, 2, 2, 0, 0, 1, 1) \
             and 2 * ho <= H and 2 * wo <= W:
-        _max2x2(x.reshape(B * C, H, W), out.reshape(B * C, ho, wo))
+        _max2x2(x.reshape(B * C, H, W), out.reshape(B * C, ho, wo), threads())
         return out
     _pool2d(x.reshape(B * C, H, W), kh, kw, sh, sw, ph, pw, dh, dw, avg, include_pad, divisor,
             out.reshape(B * C, ho, wo))
