@@ -32,8 +32,8 @@ Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per ima
               wide images read in place ("grid", `plan_conv`); the micro-kernel writes a C chunk
               whose epilogue goes to the output. Split by chunks, or by output rows when a
               layer has fewer columns than rows (weight-bound).
-  streamed    (basis convs of one group, NR/2 < B*P <= STREAMED_TILES*NR: batch 1 and 2 at
-              4x4) `_basis_streamed`: weight-bound, so split by weights in three phases: the
+  streamed    (basis convs of one group, NR/2 < B*P <= STREAMED_TILES*NR: batch 1 at 8x8, up
+              to 4 at 4x4) `_basis_streamed`: weight-bound, so split by weights in three phases: the
               input padded and gathered into im2col panels (split by channels), the basis
               responses (split by basis rows), the combine and epilogue (split by output rows).
   split_k     (basis convs of one group whose B*H' output rows and W' columns fit in one
@@ -96,7 +96,7 @@ PER_IMAGE_MIN = 256          # output positions per image from which images are 
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
 BATCH_COLS_CAP = 1 << 22     # values of the batched column matrix (16 MB): larger batches go in groups
 PACKED_CHUNK_VALUES = 1 << 17  # values of one packed task's scratch (512 KB: L2)
-STREAMED_TILES = 2           # most register tiles of output positions for the streamed path
+STREAMED_TILES = 4           # most register tiles of output positions for the streamed path
 GRID_WASTE = 1.1             # most columns computed per output for the packed path's grid mode
 DIRECT_WASTE = 1.25          # most outputs computed per output for the direct conv
 DIRECT_MIN_K = 64            # fewest im2col rows (C*kh*kw) for the direct conv
@@ -414,8 +414,8 @@ def _window_corners(colbase, q0, nq, P, C, Hp, Wp, wo, sh, sw):
 def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res,
                     has_res, act, a0, a1, out, xpf, cols, resp, tmp, T):
     """Basis conv (wp = pack_rows(basis (M, K)), cp = pack_rows(combine (N, M), k_pad=Mp)) of
-    at most STREAMED_TILES*NR output positions in all (weight-bound: batch 1 and 2 at 4x4), in
-    three phases split by what each thread streams once: by channels, x zero-padded into xpf
+    at most STREAMED_TILES*NR output positions in all (weight-bound: batch 1 at 8x8, up to 4 at
+    4x4), in three phases split by what each thread streams once: by channels, x zero-padded into xpf
     (B, C, Hp, Wp) and gathered into the im2col panels cols (tiles, K, NR) (columns past
     B*H'*W' repeat the last); by basis row panels, resp (tiles, Mp, NR) = basis @ cols, KC rows
     at a time (a tile's block stays in L1 across the panels); by output row panels,
@@ -1104,10 +1104,11 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                (1.27x faster than gathering at 32x32 with K = 576; 10% slower at 16x16, which
                computes 12.5% more, and with K = 27).
       streamed basis convs of one group with NR/2 < B*H'*W' <= STREAMED_TILES*NR output
-               positions in all (batch 1 and 2 at 4x4): weight-bound, so each stage's weights
-               are split over the threads (the packed path split only the combine, each thread
-               computing all of stage 1: 4x4, 512 -> 102 -> 512 took 1.5-1.8x as long at batch
-               1, 1.05-1.45x at batch 2; at batch 4 and at 8x8, batch 1, no gain was measured).
+               positions in all (batch 1 at 8x8, up to 4 at 4x4): weight-bound, so each stage's
+               weights are split over the threads (the packed path split only the combine, each
+               thread computing all of stage 1: 4x4, 512 -> 102 -> 512 took 1.5-1.8x as long at
+               batch 1, 1.05-1.45x at batch 2, 1.03-1.18x at batch 3-4; 8x8 at batch 1
+               1.06-1.3x).
                With at most NR/2 positions (2x2 at batch 1) the tile's waste lost to batched
                BLAS.
       split_k  basis convs of one group whose B*H' output rows and W' columns fit in one direct
