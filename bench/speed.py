@@ -45,6 +45,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 HEADING = "## Speed"
 THREADS = 2
 MODEL_NAMES = ["vgg16-dense", "vgg16-basis", "vgg16-tt", "resnet18-dense", "resnet18-basis"]
+EXPORTS = "v2"   # part of the cached exports' names: bumped when the converters' output changes
+                 # (v2: zero padding inside the conv, no ONNX Pad node per basis / TT conv)
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ def export(name: str, model, workdir: Path) -> tuple[Path, Path]:
     import torch
 
     import converters
-    h5, onnx = workdir / f"{name}.h5", workdir / f"{name}.onnx"
+    h5, onnx = workdir / f"{name}-{EXPORTS}.h5", workdir / f"{name}-{EXPORTS}.onnx"
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     if not h5.exists():
         converters.export(model, x, str(h5), n_random=0, store="outputs")
