@@ -415,12 +415,13 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
                     has_res, act, a0, a1, out, xpf, cols, resp, tmp, T):
     """Basis conv (wp = pack_rows(basis (M, K)), cp = pack_rows(combine (N, M), k_pad=Mp)) of
     at most STREAMED_TILES*NR output positions in all (weight-bound: batch 1 at 8x8, up to 4 at
-    4x4), in three phases split by what each thread streams once: by channels, x zero-padded into xpf
-    (B, C, Hp, Wp) and gathered into the im2col panels cols (tiles, K, NR) (columns past
-    B*H'*W' repeat the last); by basis row panels, resp (tiles, Mp, NR) = basis @ cols, KC rows
-    at a time (a tile's block stays in L1 across the panels); by output row panels,
-    tmp (Np, tiles*NR) = combine @ resp and the epilogue into out (B, N, H'*W'). (_im2col's
-    per-row set-up took longer than the multiply at 4x4.)"""
+    4x4), in three phases split by what each thread streams once: by channels, x zero-padded
+    into xpf (B, C, Hp, Wp) and gathered into the im2col panels cols (tiles, K, NR) (columns
+    past B*H'*W' repeat the last); by (basis row panel, tile) units, panel-major (so that the
+    threads' shares are even and each reads about half of the basis), resp (tiles, Mp, NR) =
+    basis @ cols, KC rows at a time (a panel's block stays in L1 across its tiles); by output
+    row panels, tmp (Np, tiles*NR) = combine @ resp and the epilogue into out (B, N, H'*W').
+    (_im2col's per-row set-up took longer than the multiply at 4x4.)"""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     K = C * kh * kw
@@ -444,12 +445,13 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
         for tile in range(tiles):
             _pack_cols(xpf, colbase[tile * NR:], delta, c0 * kh * kw, (c1 - c0) * kh * kw, 1,
                        cols[(tile * K + c0 * kh * kw) * NR:])
+    units = Mp // MR * tiles                # (basis row panel, tile), panel-major
     for t in prange(T):
         for k0 in range(0, K, KC):
-            for tile in range(tiles):
-                for s in range(Mp // MR * t // T, Mp // MR * (t + 1) // T):
-                    _micro(min(KC, K - k0), wp, (s * K + k0) * MR, cols, tile * K * NR, boff,
-                           k0, resp, (tile * Mp + s * MR) * NR, NR, k0 > 0)
+            for u in range(units * t // T, units * (t + 1) // T):
+                s, tile = u // tiles, u % tiles
+                _micro(min(KC, K - k0), wp, (s * K + k0) * MR, cols, tile * K * NR, boff, k0,
+                       resp, (tile * Mp + s * MR) * NR, NR, k0 > 0)
     for t in prange(T):
         s0, s1 = Np // MR * t // T, Np // MR * (t + 1) // T
         for s in range(s0, s1):
