@@ -137,7 +137,8 @@ def test_basis_conv_matches_reference(case, forced):
             got = basis_conv2d_fast(x, basis, comb, b, stride, pad, dil, g, "zeros", ("relu",), res)
             close(got, np.maximum(want + res, 0), np.abs(want + res).max())
             close(basis_conv2d_fast(x, basis, comb, None, stride, pad, dil, g, "zeros"),
-                  OPS["basis_conv2d"].reference(basis_node(basis, comb, None, stride, pad, dil, g), x))
+                  OPS["basis_conv2d"].reference(
+                      basis_node(basis, comb, None, stride, pad, dil, g), x))
 
 
 def test_random_shapes_match_reference():

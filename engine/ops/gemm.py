@@ -33,9 +33,10 @@ Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per ima
               whose epilogue goes to the output. Split by chunks, or by output rows when a
               layer has fewer columns than rows (weight-bound).
   streamed    (basis convs of one group, NR/2 < B*P <= STREAMED_TILES*NR: batch 1 at 8x8, up
-              to 4 at 4x4) `_basis_streamed`: weight-bound, so split by weights in three phases: the
-              input padded and gathered into im2col panels (split by channels), the basis
-              responses (split by basis rows), the combine and epilogue (split by output rows).
+              to 4 at 4x4) `_basis_streamed`: weight-bound, so split by weights in three
+              phases: the input padded and gathered into im2col panels (split by channels),
+              the basis responses (split by basis row panels), the combine and epilogue (split
+              by output row panels).
   split_k     (basis convs of one group whose B*H' output rows and W' columns fit in one
               direct tile: batch 1 at 2x2 and below) `_basis_split_k`: stage 1 split by K
               (each thread pads its channels and sums their taps' responses, by the direct
@@ -1110,9 +1111,8 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                weights are split over the threads (the packed path split only the combine, each
                thread computing all of stage 1: 4x4, 512 -> 102 -> 512 took 1.5-1.8x as long at
                batch 1, 1.05-1.45x at batch 2, 1.03-1.18x at batch 3-4; 8x8 at batch 1
-               1.06-1.3x).
-               With at most NR/2 positions (2x2 at batch 1) the tile's waste lost to batched
-               BLAS.
+               1.06-1.3x). With at most NR/2 positions (2x2 at batch 1) the tile's waste lost to
+               batched BLAS.
       split_k  basis convs of one group whose B*H' output rows and W' columns fit in one direct
                tile (one_tile; before all others): stage 1 split by K halves each thread's
                share of the basis, and nothing is gathered (2x2, 512 -> 102 -> 512 at batch 1:
@@ -1265,11 +1265,11 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
         Mp = round_up(M, MR)
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, Mp))
-        cols_ = round_up(B * P)                              # tiles * NR
+        ncols = round_up(B * P)                              # tiles * NR
         xpf = np.empty(B * C * Hp * Wp, np.float32)          # (B, C, Hp, Wp)
-        cols = np.empty(Cg * kh * kw * cols_, np.float32)    # (tiles, K, NR)
-        resp = np.empty(Mp * cols_, np.float32)              # (tiles, Mp, NR)
-        tmp = np.empty(round_up(N, MR) * cols_, np.float32)  # (Np, tiles * NR)
+        cols = np.empty(Cg * kh * kw * ncols, np.float32)    # (tiles, K, NR)
+        resp = np.empty(Mp * ncols, np.float32)              # (tiles, Mp, NR)
+        tmp = np.empty(round_up(N, MR) * ncols, np.float32)  # (Np, tiles * NR)
         _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res3,
                         has_res, code, a0, a1, out, xpf, cols, resp, tmp, T)
     elif plan.how == "split_k":
