@@ -411,6 +411,18 @@ def _window_corners(colbase, q0, nq, P, C, Hp, Wp, wo, sh, sw):
         colbase[q] = (b * C * Hp + p // wo * sh) * Wp + p % wo * sw
 
 
+@njit(cache=True)
+def _pad_channels(x, c0, c1, pt, pl, Hp, Wp, xpf):
+    """Channels [c0, c1) of every image of x (B, C, H, W), zero-padded into their planes of
+    xpf (B, C, Hp, Wp) flat: a thread's share when a kernel splits by channels."""
+    B, C = x.shape[0], x.shape[1]
+    plane = Hp * Wp
+    for b in range(B):
+        t0 = b * C + c0
+        _pad_planes(x, t0, t0 + c1 - c0, 0, Hp, pt, pl, 1, 1, Wp,
+                    xpf[t0 * plane:(t0 + c1 - c0) * plane])
+
+
 @njit(cache=True, parallel=True)
 def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res,
                     has_res, act, a0, a1, out, xpf, cols, resp, tmp, T):
@@ -430,7 +442,6 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
     ld = tiles * NR                         # tmp's row
     Mp = resp.size // ld
     Np = tmp.size // ld
-    plane = Hp * Wp
     colbase = np.empty(ld, np.intp)
     _window_corners(colbase, 0, B * P, P, C, Hp, Wp, wo, sh, sw)
     delta = _tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
@@ -439,10 +450,7 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
     rf = res.ravel()
     for t in prange(T):
         c0, c1 = C * t // T, C * (t + 1) // T
-        for b in range(B):
-            t0 = b * C + c0
-            _pad_planes(x, t0, t0 + c1 - c0, 0, Hp, pt, pl, 1, 1, Wp,
-                        xpf[t0 * plane:(t0 + c1 - c0) * plane])
+        _pad_channels(x, c0, c1, pt, pl, Hp, Wp, xpf)
         for tile in range(tiles):
             _pack_cols(xpf, colbase[tile * NR:], delta, c0 * kh * kw, (c1 - c0) * kh * kw, 1,
                        cols[(tile * K + c0 * kh * kw) * NR:])
@@ -484,7 +492,6 @@ def _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct, na
     K = C * kh * kw
     panels = -(-N // NR)
     M = ct.size // (panels * NR)
-    plane = Hp * Wp
     koff = _tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
     roff = np.empty(NY, np.intp)       # each tile row's window corner (past the last: the last)
     for y in range(NY):
@@ -496,10 +503,7 @@ def _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct, na
     rf = res.ravel()
     for t in prange(T):
         c0, c1 = C * t // T, C * (t + 1) // T
-        for b in range(B):
-            t0 = b * C + c0
-            _pad_planes(x, t0, t0 + c1 - c0, 0, Hp, pt, pl, 1, 1, Wp,
-                        xpf[t0 * plane:(t0 + c1 - c0) * plane])
+        _pad_channels(x, c0, c1, pt, pl, Hp, Wp, xpf)
         k0, k1 = c0 * kh * kw, c1 * kh * kw
         for pb in range(wt.size // (K * NR)):
             _direct_row(narrow, k1 - k0, xpf, sw, koff[k0:], roff, wt, (pb * K + k0) * NR,
