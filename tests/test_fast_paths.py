@@ -85,6 +85,8 @@ CASES = [
     (3, 16, 24, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
     (4, 20, 30, 6, 5, 3, 2, (2, 2), (1, 0, 0, 1), (1, 2), 1),
     (2, 16, 24, 2, 2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (1, 1, 8, 4, 5, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),       # fewer channels than threads
+    (1, 5, 8, 4, 5, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),       # channels split unevenly
     # basis: split by K (B*H' rows and W' columns in one direct tile; and the 2x2 case above)
     (3, 40, 24, 3, 3, 3, 3, (2, 2), (0, 0, 0, 0), (1, 1), 1),     # 3 images of 1x1, strided
     (1, 24, 40, 1, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # one row of 4: the wide tile

@@ -33,10 +33,10 @@ Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per ima
               whose epilogue goes to the output. Split by chunks, or by output rows when a
               layer has fewer columns than rows (weight-bound).
   streamed    (basis convs of one group, NR/2 < B*P <= STREAMED_TILES*NR: batch 1 at 8x8, up
-              to 4 at 4x4) `_basis_streamed`: weight-bound, so split by weights in three
-              phases: the input padded and gathered into im2col panels (split by channels),
-              the basis responses (split by basis row panels), the combine and epilogue (split
-              by output row panels).
+              to 4 at 4x4) `_basis_streamed`: weight-bound, so split by weights in two phases:
+              stage 1 by K (each thread pads its input channels, gathers their im2col rows KC
+              at a time and multiplies them by its rows of the basis into partial responses),
+              then the combine and epilogue by output row panels over the partials' sum.
   split_k     (basis convs of one group whose B*H' output rows and W' columns fit in one
               direct tile: batch 1 at 2x2 and below) `_basis_split_k`: stage 1 split by K
               (each thread pads its channels and sums their taps' responses, by the direct
@@ -428,44 +428,52 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
                     has_res, act, a0, a1, out, xpf, cols, resp, tmp, T):
     """Basis conv (wp = pack_rows(basis (M, K)), cp = pack_rows(combine (N, M), k_pad=Mp)) of
     at most STREAMED_TILES*NR output positions in all (weight-bound: batch 1 at 8x8, up to 4 at
-    4x4), in three phases split by what each thread streams once: by channels, x zero-padded
-    into xpf (B, C, Hp, Wp) and gathered into the im2col panels cols (tiles, K, NR) (columns
-    past B*H'*W' repeat the last); by (basis row panel, tile) units, panel-major (so that the
-    threads' shares are even and each reads about half of the basis), resp (tiles, Mp, NR) =
-    basis @ cols, KC rows at a time (a panel's block stays in L1 across its tiles); by output
-    row panels, tmp (Np, tiles*NR) = combine @ resp and the epilogue into out (B, N, H'*W').
-    (_im2col's per-row set-up took longer than the multiply at 4x4.)"""
+    4x4), in two phases. Stage 1 split by K, so that each thread touches only what it wrote or
+    streams once: by channels, each thread zero-pads its channels of x into xpf (B, C, Hp, Wp)
+    and, KC rows at a time, gathers its rows of the im2col panels into cols[t] (tiles, KC, NR)
+    (columns past B*H'*W' repeat the last) and multiplies them by its rows of every basis panel
+    into its partial responses resp[t] (tiles, Mp, NR). Then by output row panels, each thread
+    adds up the threads' partial responses (in order), tmp (Np, tiles*NR) = combine @ them and
+    the epilogue into out (B, N, H'*W'). (Split by basis row panels instead, after the whole
+    im2col matrix was gathered, each core read the half the other had gathered: BasisConv
+    ResNet-18 at batch 1 took 1.1x as long, its 8x8 and 4x4 layers up to 1.4x.)"""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     K = C * kh * kw
     tiles = -(-B * P // NR)
     ld = tiles * NR                         # tmp's row
-    Mp = resp.size // ld
+    Mp = resp.shape[1] // ld
     Np = tmp.size // ld
     colbase = np.empty(ld, np.intp)
     _window_corners(colbase, 0, B * P, P, C, Hp, Wp, wo, sh, sw)
     delta = _tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
-    boff = _steps(max(K, Mp), NR)           # row p of a panel of cols / resp
+    boff = _steps(max(KC, Mp), NR)          # row p of a panel of cols / resp
     of = out.ravel()
     rf = res.ravel()
     for t in prange(T):
         c0, c1 = C * t // T, C * (t + 1) // T
         _pad_channels(x, c0, c1, pt, pl, Hp, Wp, xpf)
-        for tile in range(tiles):
-            _pack_cols(xpf, colbase[tile * NR:], delta, c0 * kh * kw, (c1 - c0) * kh * kw, 1,
-                       cols[(tile * K + c0 * kh * kw) * NR:])
-    units = Mp // MR * tiles                # (basis row panel, tile), panel-major
+        if c0 == c1:                        # no channels (C < T): no part of the sum
+            for q in range(Mp * ld):
+                resp[t, q] = 0.0
+        for k0 in range(c0 * kh * kw, c1 * kh * kw, KC):
+            kc = min(KC, c1 * kh * kw - k0)
+            _pack_cols(xpf, colbase, delta, k0, kc, tiles, cols[t])
+            for s in range(Mp // MR):
+                for tile in range(tiles):
+                    _micro(kc, wp, (s * K + k0) * MR, cols[t], tile * kc * NR, boff, 0,
+                           resp[t], (tile * Mp + s * MR) * NR, NR, k0 > c0 * kh * kw)
     for t in prange(T):
-        for k0 in range(0, K, KC):
-            for u in range(units * t // T, units * (t + 1) // T):
-                s, tile = u // tiles, u % tiles
-                _micro(min(KC, K - k0), wp, (s * K + k0) * MR, cols, tile * K * NR, boff, k0,
-                       resp, (tile * Mp + s * MR) * NR, NR, k0 > 0)
-    for t in prange(T):
+        summed = np.empty(Mp * ld, np.float32)     # (tiles, Mp, NR)
+        for q in range(Mp * ld):
+            v = resp[0, q]
+            for u in range(1, T):
+                v += resp[u, q]
+            summed[q] = v
         s0, s1 = Np // MR * t // T, Np // MR * (t + 1) // T
         for s in range(s0, s1):
             for tile in range(tiles):
-                _micro(Mp, cp, s * Mp * MR, resp, tile * Mp * NR, boff, 0, tmp,
+                _micro(Mp, cp, s * Mp * MR, summed, tile * Mp * NR, boff, 0, tmp,
                        s * MR * ld + tile * NR, ld, False)
         for n in range(s0 * MR, min(N, s1 * MR)):
             for b in range(B):
@@ -1112,11 +1120,11 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                computes 12.5% more, and with K = 27).
       streamed basis convs of one group with NR/2 < B*H'*W' <= STREAMED_TILES*NR output
                positions in all (batch 1 at 8x8, up to 4 at 4x4): weight-bound, so each stage's
-               weights are split over the threads (the packed path split only the combine, each
-               thread computing all of stage 1: 4x4, 512 -> 102 -> 512 took 1.5-1.8x as long at
-               batch 1, 1.05-1.45x at batch 2, 1.03-1.18x at batch 3-4; 8x8 at batch 1
-               1.06-1.3x). With at most NR/2 positions (2x2 at batch 1) the tile's waste lost to
-               batched BLAS.
+               weights are split over the threads, stage 1's by K (the packed path split only
+               the combine, each thread computing all of stage 1: 4x4, 512 -> 102 -> 512 took
+               1.5-1.8x as long at batch 1, 1.05-1.45x at batch 2, 1.03-1.18x at batch 3-4;
+               8x8 at batch 1 1.06-1.3x). With at most NR/2 positions (2x2 at batch 1) the
+               tile's waste lost to batched BLAS.
       split_k  basis convs of one group whose B*H' output rows and W' columns fit in one direct
                tile (one_tile; before all others): stage 1 split by K halves each thread's
                share of the basis, and nothing is gathered (2x2, 512 -> 102 -> 512 at batch 1:
@@ -1136,7 +1144,7 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         return ConvPlan("split_k", False, False, (tile,), scratch, 0)
     if M is not None and groups == 1 and NR // 2 < B * P <= STREAMED_TILES * NR:
         scratch = (B * C * Hp * Wp
-                   + round_up(B * P) * (Kg + round_up(M, MR) + round_up(N, MR)))
+                   + round_up(B * P) * (T * (KC + 2 * round_up(M, MR)) + round_up(N, MR)))
         return ConvPlan("streamed", False, False, (), scratch, 0)
     if (groups == 1 and kh >= stride[0] and kw >= stride[1]
             and (Kg >= DIRECT_MIN_K or tuple(stride) == (1, 1))):
@@ -1271,8 +1279,8 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, Mp))
         ncols = round_up(B * P)                              # tiles * NR
         xpf = np.empty(B * C * Hp * Wp, np.float32)          # (B, C, Hp, Wp)
-        cols = np.empty(Cg * kh * kw * ncols, np.float32)    # (tiles, K, NR)
-        resp = np.empty(Mp * ncols, np.float32)              # (tiles, Mp, NR)
+        cols = np.empty((T, KC * ncols), np.float32)         # (T, tiles, KC, NR)
+        resp = np.empty((T, Mp * ncols), np.float32)         # (T, tiles, Mp, NR)
         tmp = np.empty(round_up(N, MR) * ncols, np.float32)  # (Np, tiles * NR)
         _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res3,
                         has_res, code, a0, a1, out, xpf, cols, resp, tmp, T)
