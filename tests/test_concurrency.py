@@ -5,6 +5,7 @@ engine/__init__.py selects Numba's "threadsafe" layer (TBB if installed, else Op
 default workqueue layer refuses concurrent parallel calls. Worker processes must be started with
 subprocess or spawn, never fork once Numba threads exist (OpenMP does not survive fork).
 """
+import itertools
 import os
 import threading
 
@@ -108,6 +109,49 @@ def test_buffer_pool_recycles_only_dead_buffers():
     a = pool.take((4, 4), np.float32)
     assert a.shape == (4, 4) and pool.bytes == 40 and pool.take((4, 4), np.float32) is not a
     assert pool.take((10,), np.float64).dtype == np.float64 and pool.bytes == 40
+    # a free block serves any request of its size down to half of it, as a view of it
+    env = {"block": np.empty(16, np.float32)}
+    where = env["block"].ctypes.data
+    pool.give(env.pop("block"))
+    env["b"] = pool.take((2, 3), np.float64)                     # 48 of its 64 bytes
+    assert env["b"].shape == (2, 3) and env["b"].dtype == np.float64
+    assert env["b"].ctypes.data == where
+    pool.give(env.pop("b"))                                      # given back through its view
+    assert pool.take((3,), np.float32).ctypes.data != where      # 12 bytes: not a 64-byte block
+    assert pool.take((12,), np.float32).ctypes.data == where
+
+
+def test_scratch_is_carved_from_the_calls_arena():
+    """Inside Plan.run a kernel's scratch comes from the call's arena: disjoint arrays on
+    64-byte boundaries, the same memory for the same request on every call (no fresh pages),
+    another arena for a call running at the same time; outside, plain new arrays."""
+    from engine import buffers
+    shapes = ((3, 5), (7,), (0,), (2, 33))
+    loose = buffers.scratch(*shapes)
+    assert [a.shape for a in loose] == list(shapes)
+    pool = buffers.BufferPool()
+    token = buffers.using(pool)
+    try:
+        first = buffers.scratch(*shapes)
+        assert [a.shape for a in first] == list(shapes)
+        assert all(a.dtype == np.float32 and (a.size == 0 or a.ctypes.data % 64 == 0)
+                   for a in first)
+        assert not any(np.shares_memory(a, b) for a, b in itertools.combinations(first, 2))
+        assert not any(np.shares_memory(a, b) for a in first for b in loose)
+        inner = buffers.using(pool)               # a concurrent call: its own arena
+        try:
+            assert not any(np.shares_memory(a, b) for a in buffers.scratch(*shapes) for b in first)
+        finally:
+            buffers.done(inner)
+    finally:
+        buffers.done(token)
+    token = buffers.using(pool)                   # the next call: the same memory again
+    try:
+        again = buffers.scratch(*shapes)
+        assert len(pool._arenas) == 1 and all(np.shares_memory(a, b) for a, b in
+                                              zip(again[:2], first[:2]))
+    finally:
+        buffers.done(token)
 
 
 def test_calls_reuse_buffers_and_keep_results(seed_files):

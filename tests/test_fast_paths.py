@@ -220,12 +220,15 @@ def test_cases_cover_every_conv_path():
                                       (4, 5, 0, False)])
 def test_sgemm_matches_reference(m, n, k, tb):
     """Edges of every blocking (MR, NR, KC, MC, NC), offsets and leading dimensions past the
-    matrix; C outside its m x n window is left alone."""
+    matrix; C outside its m x n window is left alone, and so is the packing scratch past
+    pack_size."""
     a = rand(2 + m * (k + 3))                                   # offset 2, lda = k + 3
     rows, ldb = (n, k + 1) if tb else (k, n + 2)
     b = rand(1 + rows * ldb, seed=1)                            # offset 1
     c = np.full((m + 1, n + 4), 7.0, np.float32)                # offset ldc + 1, ldc = n + 4
-    sgemm.sgemm(tb, m, n, k, a, 2, k + 3, b, 1, ldb, c.ravel(), n + 5, n + 4)
+    pack = np.full(sgemm.pack_size(m, n, k) + 64, 5.0, np.float32)
+    sgemm.sgemm(tb, m, n, k, a, 2, k + 3, b, 1, ldb, c.ravel(), n + 5, n + 4, pack)
+    assert (pack[-64:] == 5).all()
     bm = b[1:].reshape(rows, ldb)
     bm = bm[:, :k].T if tb else bm[:, :n]
     want = sgemm.sgemm_reference(a[2:].reshape(m, k + 3)[:, :k], bm)
@@ -444,7 +447,8 @@ def vector_width_child(width):
     assert {"direct", "gather", "grid", "image", "batched", "streamed", "split_k"} <= kinds, kinds
     a, bm = rand(37, 300), rand(300, 45, seed=1)
     c = np.empty(37 * 45, np.float32)
-    sgemm.sgemm(False, 37, 45, 300, a.ravel(), 0, 300, bm.ravel(), 0, 45, c, 0, 45)
+    sgemm.sgemm(False, 37, 45, 300, a.ravel(), 0, 300, bm.ravel(), 0, 45, c, 0, 45,
+                np.empty(sgemm.pack_size(37, 45, 300), np.float32))
     close(c.reshape(37, 45), sgemm.sgemm_reference(a, bm))
 
 

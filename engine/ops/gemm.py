@@ -88,10 +88,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 from numba.np.linalg import ensure_blas
 
-from ..buffers import empty
+from ..buffers import empty, scratch
 from .activation import residual_then_act
 from .sgemm import (DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow, _direct_wide,
-                    _micro, pack_cols, pack_rows, sgemm)
+                    _micro, pack_cols, pack_rows, pack_size, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -138,14 +138,14 @@ _xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
 
 
 @njit(cache=True)
-def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
+def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack):
     """Row-major C = A @ B over flat float32 arrays, single-threaded:
     c[oc + i*ldc + j] = sum_l a[oa + i*lda + l] * B[l, j] for i < m, j < n, where B[l, j] is
     b[ob + l*ldb + j], or b[ob + j*ldb + l] when tb (B stored transposed). The engine's own
-    sgemm.sgemm, except with fewer columns than its register tile (late layers at batch 1),
-    where BLAS's wastes less."""
+    sgemm.sgemm (pack: its scratch, pack_size(m, n, k) values), except with fewer columns than
+    its register tile (late layers at batch 1), where BLAS's wastes less."""
     if n >= NR:
-        sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc)
+        sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack)
         return
     if m <= 0 or n <= 0:
         return
@@ -243,12 +243,12 @@ def _im2col(x, b, c0, c1, kh, kw, sh, sw, dh, dw, pt, pl, oy0, oy1, wo, cols, ba
 
 @njit(cache=True, parallel=True)
 def _per_image(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, dh, dw, pt, pl,
-               ho, wo, groups, nsplit, direct, out, ws):
+               ho, wo, groups, nsplit, direct, out, ws, packs):
     """Conv (two=False: w1 (N, K)) or basis conv (two=True: w1 (G*M, K) basis, w2 (N, M)
     combine) of x (B, C, H, W) into out (B, N, H'*W'), K = C/G*kh*kw. Task (b, s) = image b,
     output rows [H' s / nsplit, H' (s+1) / nsplit); each row of ws (one per thread: im2col
-    columns, then the basis responses) takes a contiguous run of tasks. direct: 1x1, stride 1,
-    no padding: the image is its own column matrix."""
+    columns, then the basis responses) takes a contiguous run of tasks, packs[t] its sgemm
+    scratch. direct: 1x1, stride 1, no padding: the image is its own column matrix."""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     Cg = C // groups
@@ -283,10 +283,13 @@ def _per_image(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, 
                     src, so, ld = buf, 0, n_col
                 dst = (b * N + g * Ng) * P + p0
                 if two:
-                    _gemm(False, M1, n_col, K, w1f, g * M1 * K, K, src, so, ld, buf, sbase, n_col)
-                    _gemm(False, Ng, n_col, M1, w2f, g * Ng * M1, M1, buf, sbase, n_col, of, dst, P)
+                    _gemm(False, M1, n_col, K, w1f, g * M1 * K, K, src, so, ld, buf, sbase, n_col,
+                          packs[t])
+                    _gemm(False, Ng, n_col, M1, w2f, g * Ng * M1, M1, buf, sbase, n_col, of, dst,
+                          P, packs[t])
                 else:
-                    _gemm(False, Ng, n_col, K, w1f, g * Ng * K, K, src, so, ld, of, dst, P)
+                    _gemm(False, Ng, n_col, K, w1f, g * Ng * K, K, src, so, ld, of, dst, P,
+                          packs[t])
             for n in range(N):
                 o = (b * N + n) * P + p0
                 _finish(of, o, of, o, n_col, bias[n], rf, o, has_res, act, a0, a1)
@@ -301,10 +304,10 @@ def _split(s, T, rows, cols, by_rows):
 
 
 @njit(cache=True)
-def _grouped_gemm(w, k_w, groups, r0, r1, c0, c1, src, ld_src, k_src, dst, ld_dst):
+def _grouped_gemm(w, k_w, groups, r0, r1, c0, c1, src, ld_src, k_src, dst, ld_dst, pack):
     """Rows [r0, r1) x columns [c0, c1) of dst (R, ld_dst) = blockdiag over groups of
     w (R, k_w) @ src (groups*k_src, ld_src): row r of group r // (R/G) reads src rows
-    [g*k_src, (g+1)*k_src) (k_w == k_src)."""
+    [g*k_src, (g+1)*k_src) (k_w == k_src). pack: sgemm's scratch."""
     R = w.shape[0]
     Rg = R // groups
     wf = w.ravel()
@@ -313,21 +316,23 @@ def _grouped_gemm(w, k_w, groups, r0, r1, c0, c1, src, ld_src, k_src, dst, ld_ds
         z = min(r1, (g + 1) * Rg)
         if z > a and c1 > c0:
             _gemm(False, z - a, c1 - c0, k_w, wf, a * k_w, k_w, src, g * k_src * ld_src + c0,
-                  ld_src, dst, a * ld_dst + c0, ld_dst)
+                  ld_src, dst, a * ld_dst + c0, ld_dst, pack)
 
 
 @njit(cache=True, parallel=True)
 def _batched(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, dh, dw, pt, pl,
-             ho, wo, groups, split1, split2, out, cols, s_buf, tmp, T):
+             ho, wo, groups, split1, split2, out, cols, s_buf, tmp, packs):
     """Conv / basis conv (as _per_image) of the whole batch as one GEMM: cols (C*kh*kw, B*P)
     <- im2col (prange over (image, channel)); [basis: s_buf (G*M, B*P) = basis @ cols, split
     over T slices by rows (split1) or columns]; tmp (N, B*P) = w @ cols or combine @ s_buf,
-    split by split2, and the epilogue of each slice scatters it to out (B, N, P)."""
+    split by split2, and the epilogue of each slice scatters it to out (B, N, P); packs[s]:
+    slice s's sgemm scratch (T, ...)."""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     BP = B * P
     Cg = C // groups
     K = Cg * kh * kw
+    T = packs.shape[0]
     cf = cols.ravel()
     sf = s_buf.ravel()
     tf = tmp.ravel()
@@ -341,15 +346,15 @@ def _batched(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, dh
         M1 = w1.shape[0] // groups
         for s in prange(T):
             r0, r1, c0, c1 = _split(s, T, w1.shape[0], BP, split1)
-            _grouped_gemm(w1, K, groups, r0, r1, c0, c1, cf, BP, K, sf, BP)
+            _grouped_gemm(w1, K, groups, r0, r1, c0, c1, cf, BP, K, sf, BP, packs[s])
         for s in prange(T):
             r0, r1, c0, c1 = _split(s, T, N, BP, split2)
-            _grouped_gemm(w2, M1, groups, r0, r1, c0, c1, sf, BP, M1, tf, BP)
+            _grouped_gemm(w2, M1, groups, r0, r1, c0, c1, sf, BP, M1, tf, BP, packs[s])
             _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P)
     else:
         for s in prange(T):
             r0, r1, c0, c1 = _split(s, T, N, BP, split2)
-            _grouped_gemm(w1, K, groups, r0, r1, c0, c1, cf, BP, K, tf, BP)
+            _grouped_gemm(w1, K, groups, r0, r1, c0, c1, cf, BP, K, tf, BP, packs[s])
             _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P)
 
 
@@ -1087,12 +1092,14 @@ class ConvPlan(NamedTuple):
     scratch: int      # kernel scratch values per thread (direct, packed, image), per group
                       # (batched) or in all (streamed, split_k)
     padded: int       # packed: values of the zero-padded input copy, margin included
+    pack: int = 0     # image, batched: sgemm's packing scratch per thread (sgemm.pack_size)
 
     @property
     def workspace(self) -> int:
         """Scratch values conv_gemm allocates (at most, over thread counts)."""
-        return (self.scratch if self.how in ("batched", "streamed", "split_k")
-                else threads() * self.scratch + self.padded)
+        return (threads() * self.pack
+                + (self.scratch if self.how in ("batched", "streamed", "split_k")
+                   else threads() * self.scratch + self.padded))
 
 
 def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=None) -> ConvPlan:
@@ -1173,21 +1180,27 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         return ConvPlan("packed", False, grid, (nch, parts), scratch, padded)
     dh = dilation[0]
     rows = kh * kw * M if kn2row else Kg        # scratch rows per position of stage 1
+    # the GEMMs' largest sides (stage 1 then combine, per group): rows, and depth
+    m_gemm = max(N // groups, rows if kn2row else M or 0)
+    k_gemm = max(C // groups if kn2row else Kg, M or 0)
     if P >= PER_IMAGE_MIN:
         nsplit = max(1, -(-T // B) if B < T else 1, -(-rows * P // COLS_CAP))
         nsplit = min(nsplit, ho)
         band = -(-ho // nsplit)
+        band_in = min(H, band + (kh - 1) * dh) * W if kn2row else 0   # kn2row: input positions
         if kn2row:
-            scratch = rows * min(H, band + (kh - 1) * dh) * W + M * band * wo
+            scratch = rows * band_in + M * band * wo
         else:
             scratch = Kg * band * wo + (0 if M is None else M * band * wo)
-        return ConvPlan("image", kn2row, False, (nsplit,), scratch, 0)
+        return ConvPlan("image", kn2row, False, (nsplit,), scratch, 0,
+                        pack_size(m_gemm, max(band * wo, band_in), k_gemm))
     if kn2row:
         per_image = C * H * W + groups * rows * H * W + groups * M * P + N * P
     else:
         per_image = (C * kh * kw + N + (0 if M is None else groups * M)) * P
-    per = max(1, BATCH_COLS_CAP // per_image)
-    return ConvPlan("batched", kn2row, False, (min(B, per),), min(B, per) * per_image, 0)
+    per = min(B, max(1, BATCH_COLS_CAP // per_image))
+    return ConvPlan("batched", kn2row, False, (per,), per * per_image, 0,
+                    pack_size(m_gemm, per * (H * W if kn2row else P), k_gemm))
 
 
 def one_tile(B, ho, wo):
@@ -1258,19 +1271,18 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
               _DERIVED.get(w1, ("direct", cb), lambda: pack_cols(blocked_k(w1m, cb, kh * kw))))
         ct = (_DERIVED.get(w2, "grid1", lambda: pack_rows(w2)) if two and grid1 else
               _DERIVED.get(w2, "direct", lambda: pack_cols(w2)) if two else wt)
-        ws = np.empty((T, plan.scratch), np.float32)
+        ws, = scratch((T, plan.scratch))
         _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res3, has_res,
                      code, a0, a1, ho, wo, *plan.split, out, ws)
     elif plan.how == "packed":
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, round_up(M, MR))) if two else wp
+        ws, xpf = scratch((T, plan.scratch), (plan.padded,))  # xpf: (B, C, Hp, Wp), margin
         if plan.padded:
-            xpf = np.empty(plan.padded, np.float32)       # (B, C, Hp, Wp), then the margin
             xpf[B * C * Hp * Wp:] = 0.0
             _pad_input(x, pt, pl, Hp, Wp, xpf, T)
         else:
             xpf = x.ravel()
-        ws = np.empty((T, plan.scratch), np.float32)
         _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res3, has_res, code, a0,
                      a1, sh, sw, ho, wo, plan.grid, *plan.split, out, ws)
     elif plan.how == "streamed":
@@ -1278,71 +1290,71 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, Mp))
         ncols = round_up(B * P)                              # tiles * NR
-        xpf = np.empty(B * C * Hp * Wp, np.float32)          # (B, C, Hp, Wp)
-        cols = np.empty((T, KC * ncols), np.float32)         # (T, tiles, KC, NR)
-        resp = np.empty((T, Mp * ncols), np.float32)         # (T, tiles, Mp, NR)
-        tmp = np.empty(round_up(N, MR) * ncols, np.float32)  # (Np, tiles * NR)
+        xpf, cols, resp, tmp = scratch((B * C * Hp * Wp,),        # (B, C, Hp, Wp)
+                                       (T, KC * ncols),          # (T, tiles, KC, NR)
+                                       (T, Mp * ncols),          # (T, tiles, Mp, NR)
+                                       (round_up(N, MR) * ncols,))  # (Np, tiles * NR)
         _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res3,
                         has_res, code, a0, a1, out, xpf, cols, resp, tmp, T)
     elif plan.how == "split_k":
         NY, TX = DIRECT_TILES[plan.split[0]]
         wt = _DERIVED.get(w1, ("direct", 1), lambda: pack_cols(w1m))
         ct = _DERIVED.get(w2, "direct", lambda: pack_cols(w2))
-        xpf = np.empty(B * C * Hp * Wp + (TX - 1) * sw, np.float32)  # (B, C, Hp, Wp), margin
+        xpf, resp, tmp = scratch((B * C * Hp * Wp + (TX - 1) * sw,),  # (B, C, Hp, Wp), margin
+                                 (T, round_up(M) * NY * TX),          # (T, Mq, NY*TX)
+                                 (round_up(N) * NY * TX,))            # (Nq, NY*TX)
         xpf[B * C * Hp * Wp:] = 0.0
-        resp = np.empty((T, round_up(M) * NY * TX), np.float32)       # (T, Mq, NY*TX)
-        tmp = np.empty(round_up(N) * NY * TX, np.float32)             # (Nq, NY*TX)
         _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct, plan.split[0],
                        bias, res3, has_res, code, a0, a1, out, xpf, resp, tmp, T)
     elif plan.kn2row:
         wk = kn2row_weights(w1, groups)
         if plan.how == "image":
-            ws = np.empty((T, max(plan.scratch, 1)), np.float32)
+            ws, packs = scratch((T, max(plan.scratch, 1)), (T, plan.pack))
             _kn2row_image(x, wk, w2, bias, res3, has_res, code, a0, a1, kh, kw, dh, dw, pt, pl,
-                          ho, wo, groups, plan.split[0], out, ws)
+                          ho, wo, groups, plan.split[0], out, ws, packs)
         else:
             for b0 in range(0, B, plan.split[0]):
                 b1 = min(B, b0 + plan.split[0])
                 nb = b1 - b0
-                xcols = np.empty((C, nb * H * W), np.float32)
-                Y = np.empty((groups * kh * kw * M, nb * H * W), np.float32)
-                s_buf = np.empty((GM, nb * P), np.float32)
-                tmp = np.empty((N, nb * P), np.float32)
+                xcols, Y, s_buf, tmp, packs = scratch(
+                    (C, nb * H * W), (groups * kh * kw * M, nb * H * W), (GM, nb * P),
+                    (N, nb * P), (T, plan.pack))
                 _kn2row_batched(x[b0:b1], wk, w2, bias, res3[b0:b1] if has_res else res3,
                                 has_res, code, a0, a1, kh, kw, dh, dw, pt, pl, ho, wo, groups,
                                 nb * H * W < Y.shape[0], nb * P < N, out[b0:b1], xcols, Y, s_buf,
-                                tmp, T)
+                                tmp, packs)
     elif plan.how == "image":
         direct = kh == kw == 1 and sh == sw == 1 and not any(padding)
-        ws = np.empty((T, max(plan.scratch, 1)), np.float32)
+        ws, packs = scratch((T, max(plan.scratch, 1)), (T, plan.pack))
         _per_image(x, w1m, w2m, two, bias, res3, has_res, code, a0, a1, kh, kw, sh, sw, dh, dw,
-                   pt, pl, ho, wo, groups, plan.split[0], direct, out, ws)
+                   pt, pl, ho, wo, groups, plan.split[0], direct, out, ws, packs)
     else:
         for b0 in range(0, B, plan.split[0]):
             b1 = min(B, b0 + plan.split[0])
             BP = (b1 - b0) * P
-            cols = np.empty((C * kh * kw, BP), np.float32)
-            s_buf = np.empty((GM, BP) if two else (1, 1), np.float32)
-            tmp = np.empty((N, BP), np.float32)
+            cols, s_buf, tmp, packs = scratch((C * kh * kw, BP), (GM, BP) if two else (1, 1),
+                                              (N, BP), (T, plan.pack))
             _batched(x[b0:b1], w1m, w2m, two, bias, res3[b0:b1] if has_res else res3, has_res,
                      code, a0, a1, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, groups,
-                     BP < GM, BP < N, out[b0:b1], cols, s_buf, tmp, T)
+                     BP < GM, BP < N, out[b0:b1], cols, s_buf, tmp, packs)
     return residual_then_act(out.reshape(B, N, ho, wo), None if has_res else residual,
                              None if done else act)
 
 
 @njit(cache=True, parallel=True)
-def _linear(x, w, out, T):
-    """out (R, O) = x (R, I) @ w (O, I).T, output features split over T slices."""
+def _linear(x, w, out, packs):
+    """out (R, O) = x (R, I) @ w (O, I).T, output features split over T slices (packs (T, ...):
+    their sgemm scratch)."""
     R, I = x.shape
     O = w.shape[0]
+    T = packs.shape[0]
     xf = x.ravel()
     wf = w.ravel()
     of = out.ravel()
     for s in prange(T):
         n0 = O * s // T
         n1 = O * (s + 1) // T
-        _gemm(True, R, n1 - n0, I, xf, 0, I, wf, n0 * I, I, of, n0, O)
+        _gemm(True, R, n1 - n0, I, xf, 0, I, wf, n0 * I, I, of, n0, O, packs[s])
 
 
 def linear_gemm(x, weight, bias=None, act=None, residual=None):
@@ -1351,7 +1363,8 @@ def linear_gemm(x, weight, bias=None, act=None, residual=None):
     x2 = x.reshape(-1, x.shape[-1])
     y = empty((x2.shape[0], weight.shape[0]))        # (rows, out)
     T = threads() if weight.shape[0] >= 64 * threads() else 1
-    _linear(x2, np.ascontiguousarray(weight), y, T)
+    packs, = scratch((T, pack_size(x2.shape[0], -(-weight.shape[0] // T), x2.shape[1])))
+    _linear(x2, np.ascontiguousarray(weight), y, packs)
     y = y.reshape(x.shape[:-1] + (weight.shape[0],))
     if bias is not None:
         y += bias
@@ -1400,9 +1413,10 @@ def _shift_add(Y, oY, ldY, iy0, W, M, kh, kw, dh, dw, pt, pl, oy0, oy1, wo, H, s
 
 @njit(cache=True, parallel=True)
 def _kn2row_image(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt, pl, ho, wo,
-                  groups, nsplit, out, ws):
+                  groups, nsplit, out, ws, packs):
     """Basis conv, stride 1, per-image tasks as _per_image: stage 1 by kn2row from the input
-    rows a band needs, wk (G*kh*kw*M, C/G) the taps' basis filters, w2 (N, M) the combine."""
+    rows a band needs, wk (G*kh*kw*M, C/G) the taps' basis filters, w2 (N, M) the combine;
+    packs[t]: thread t's sgemm scratch."""
     B, C, H, W = x.shape
     N, P = out.shape[1], out.shape[2]
     Cg = C // groups
@@ -1433,11 +1447,11 @@ def _kn2row_image(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt
             for g in range(groups):
                 if n_in > 0:
                     _gemm(False, TM, n_in, Cg, wkf, g * TM * Cg, Cg, xf,
-                          (b * C + g * Cg) * H * W + iy0 * W, H * W, buf, 0, n_in)
+                          (b * C + g * Cg) * H * W + iy0 * W, H * W, buf, 0, n_in, packs[t])
                 _shift_add(buf, 0, n_in, iy0, W, M, kh, kw, dh, dw, pt, pl, oy0, oy1, wo, H,
                            buf, sb, n_col)
                 _gemm(False, Ng, n_col, M, w2f, g * Ng * M, M, buf, sb, n_col, of,
-                      (b * N + g * Ng) * P + oy0 * wo, P)
+                      (b * N + g * Ng) * P + oy0 * wo, P, packs[t])
             for n in range(N):
                 o = (b * N + n) * P + oy0 * wo
                 _finish(of, o, of, o, n_col, bias[n], rf, o, has_res, act, a0, a1)
@@ -1445,11 +1459,11 @@ def _kn2row_image(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt
 
 @njit(cache=True, parallel=True)
 def _kn2row_batched(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt, pl, ho, wo,
-                    groups, split1, split2, out, xcols, Y, s_buf, tmp, T):
+                    groups, split1, split2, out, xcols, Y, s_buf, tmp, packs):
     """Basis conv, stride 1, the whole batch at once: xcols (C, B*H*W) <- x; Y (G*kh*kw*M,
     B*H*W) = wk @ xcols per group (T slices by rows if split1, else columns); s_buf (G*M, B*P)
     <- shifted adds (prange over (image, group)); tmp (N, B*P) = combine @ s_buf and the
-    epilogue, as _batched."""
+    epilogue, as _batched (packs (T, ...): the slices' sgemm scratch)."""
     B, C, H, W = x.shape
     N, P = out.shape[1], out.shape[2]
     HW = H * W
@@ -1458,6 +1472,7 @@ def _kn2row_batched(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, 
     Cg = C // groups
     M = w2.shape[1]
     TM = kh * kw * M
+    T = packs.shape[0]
     xc = xcols.ravel()
     yf = Y.ravel()
     sf = s_buf.ravel()
@@ -1470,7 +1485,7 @@ def _kn2row_batched(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, 
         xc[c * BHW + b * HW:c * BHW + (b + 1) * HW] = x[b, c].ravel()
     for sp in prange(T):
         r0, r1, c0, c1 = _split(sp, T, groups * TM, BHW, split1)
-        _grouped_gemm(wk, Cg, groups, r0, r1, c0, c1, xc, BHW, Cg, yf, BHW)
+        _grouped_gemm(wk, Cg, groups, r0, r1, c0, c1, xc, BHW, Cg, yf, BHW, packs[sp])
     parts = max(1, min(M, -(-T // (B * groups))))     # split M too when images are few
     for t in prange(B * groups * parts):
         b = t // (groups * parts)
@@ -1480,14 +1495,16 @@ def _kn2row_batched(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, 
                    sf, g * M * BP + b * P, BP, M * k // parts, M * (k + 1) // parts)
     for sp in prange(T):
         r0, r1, c0, c1 = _split(sp, T, N, BP, split2)
-        _grouped_gemm(w2, M, groups, r0, r1, c0, c1, sf, BP, M, tf, BP)
+        _grouped_gemm(w2, M, groups, r0, r1, c0, c1, sf, BP, M, tf, BP, packs[sp])
         _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P)
 
 
 @njit(cache=True, parallel=True)
-def _matmul(a, b, out, S, by_rows):
-    """out (m, n) = a (m, k) @ b (k, n), cut into S slices of rows or columns."""
+def _matmul(a, b, out, packs, by_rows):
+    """out (m, n) = a (m, k) @ b (k, n), cut into S slices of rows or columns (packs (S, ...):
+    their sgemm scratch)."""
     m, k = a.shape
+    S = packs.shape[0]
     n = b.shape[1]
     af = a.ravel()
     bf = b.ravel()
@@ -1495,7 +1512,8 @@ def _matmul(a, b, out, S, by_rows):
     for s in prange(S):
         r0, r1, c0, c1 = _split(s, S, m, n, by_rows)
         if r1 > r0 and c1 > c0:
-            _gemm(False, r1 - r0, c1 - c0, k, af, r0 * k, k, bf, c0, n, of, r0 * n + c0, n)
+            _gemm(False, r1 - r0, c1 - c0, k, af, r0 * k, k, bf, c0, n, of, r0 * n + c0, n,
+                  packs[s])
 
 
 def matmul(a, b, out=None):
@@ -1509,5 +1527,7 @@ def matmul(a, b, out=None):
         out = np.empty((m, n), np.float32)
     by_rows = n < m
     S = min(threads(), max(1, (m if by_rows else n) // 32))
-    _matmul(a, b, out, S, by_rows)
+    packs, = scratch((S, pack_size(-(-m // S) if by_rows else m, n if by_rows else -(-n // S),
+                                   a.shape[1])))
+    _matmul(a, b, out, packs, by_rows)
     return out

@@ -286,11 +286,19 @@ def _pack_a(a, oa, lda, i0, mc, k0, kc, ap):
                 d[p * MR + i] = 0.0
 
 
+def pack_size(m: int, n: int, k: int) -> int:
+    """Values of the packing scratch sgemm needs for an m x n x k product (or any smaller)."""
+    kc = min(KC, max(k, 1))
+    return kc * (min(NC, -(-n // NR) * NR) + min(MC, -(-m // MR) * MR)) + MR * NR
+
+
 @njit(cache=True)
-def sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
+def sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack):
     """Row-major C = A @ B over flat float32 arrays, single-threaded:
     c[oc + i*ldc + j] = sum_l a[oa + i*lda + l] * B[l, j] for i < m, j < n, where B[l, j] is
-    b[ob + l*ldb + j], or b[ob + j*ldb + l] when tb (B stored transposed)."""
+    b[ob + l*ldb + j], or b[ob + j*ldb + l] when tb (B stored transposed). pack: the caller's
+    scratch for the packed panels, at least pack_size(m, n, k) values (allocated here on every
+    call, they page-faulted on every call: the heap gives large blocks back to the OS)."""
     if m <= 0 or n <= 0:
         return
     if k <= 0:
@@ -300,9 +308,9 @@ def sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc):
     kcmax = min(KC, k)
     ncmax = min(NC, (n + NR - 1) // NR * NR)
     mcmax = min(MC, (m + MR - 1) // MR * MR)
-    bp = np.empty(kcmax * ncmax, np.float32)
-    ap = np.empty(kcmax * mcmax, np.float32)
-    tile = np.empty(MR * NR, np.float32)
+    bp = pack[:kcmax * ncmax]
+    ap = pack[kcmax * ncmax:kcmax * (ncmax + mcmax)]
+    tile = pack[kcmax * (ncmax + mcmax):kcmax * (ncmax + mcmax) + MR * NR]
     rows = np.arange(kcmax) * NR                # B micro-panel row offsets
     for j0 in range(0, n, NC):
         nc = min(NC, n - j0)
