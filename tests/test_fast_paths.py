@@ -369,6 +369,40 @@ def test_broadcasting_add_is_not_fused():
     close(model(x), model.activations(x, kernels="reference")["relu"])
 
 
+def _bn_node(C, seed=0):
+    rng = np.random.default_rng(seed)
+    weights = {"running_mean": rand(C, seed=seed), "running_var": rng.random(C, np.float32) + 0.1,
+               "weight": rand(C, seed=seed + 1), "bias": rand(C, seed=seed + 2)}
+    return Node("bn", "batch_norm", ["x"], {"eps": 1e-5}, weights)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (4, 6), (3, 4, 9), (1, 3, 1, 1)])
+def test_batch_norm_kernel_fuses_residual_and_activation(shape):
+    """The BN kernel, with a residual of the output's shape or a broadcasting one and every
+    activation, equals the unfused NumPy ops bit for bit (the same float32 roundings); NaN
+    propagates."""
+    node, bn = _bn_node(shape[1]), OPS["batch_norm"]
+    x, res = rand(*shape), rand(*shape, seed=4)
+    x.flat[-1] = np.nan
+    want = bn.reference(node, x)
+    np.testing.assert_array_equal(bn.run(node, x), want)
+    for act in ACTS:
+        for r in (None, res, res[:1]):
+            exp = want if r is None else want + r
+            np.testing.assert_array_equal(bn.run_fused(node, [x], act, r),
+                                          apply_act(exp.copy(), act) if act else exp)
+
+
+def test_activation_fused_into_unfolded_batch_norm():
+    """A BN with nothing to fold into (here the graph's input) runs as one step with the ReLU."""
+    graph = Graph([TensorSpec("x", [None, 4, 5, 5])], [("y", "relu")], "tensor",
+                  [_bn_node(4), Node("relu", "relu", ["bn"])])
+    model = engine.Model(graph, fmt.References())
+    assert [(s.node.op, s.act) for s in model.plan.steps] == [("batch_norm", ("relu",))]
+    x = rand(3, 4, 5, 5)
+    np.testing.assert_array_equal(model(x), model.activations(x, kernels="reference")["relu"])
+
+
 def test_blas_called_by_kernels_is_single_threaded():
     assert gemm.LIMITED_BLAS
     threads = {i["filepath"]: i["num_threads"] for i in threadpool_info()}

@@ -157,35 +157,54 @@ def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack):
             a[oa:].ctypes, lda, s[1:].ctypes, c[oc:].ctypes, ldc)
 
 
+@njit(inline="always")
+def _activation(v, act, lo, hi):
+    """act(v) by the epilogue's code (0 none, 1 relu, 2 clip lo..hi, 3 leaky_relu slope lo),
+    NaN propagating."""
+    if act == 1:
+        return np.float32(0.0) if v < 0 else v
+    if act == 2:
+        return lo if v < lo else (hi if v > hi else v)
+    if act == 3:
+        return v * lo if v < 0 else v
+    return v
+
+
 @njit(cache=True)
 def _finish(dst, od, src, os_, n, bv, res, orr, has_res, act, a0, a1, rows=1, ldd=0, lds=0):
     """dst[od + r*ldd + q] = act(src[os_ + r*lds + q] + bv (+ res[orr + r*ldd + q])) for q < n,
-    r < rows (dst may be src). Unsigned indices (no wrap-around checks) and no views (their
-    set-up costs more than a short row), so that the loops vectorize."""
+    r < rows, in one pass; dst is not src (in place: _finish_in_place). Unsigned indices (no
+    wrap-around checks) and no views (their set-up costs more than a short row), so that the
+    loops vectorize."""
     lo = np.float32(a0)
     hi = np.float32(a1)
     for r in range(rows):
         d = od + r * ldd
+        s = os_ + r * lds
         if has_res:
             e = orr + r * ldd
             for q in range(n):
-                v = src[np.uintp(os_ + r * lds + q)] + bv
-                dst[np.uintp(d + q)] = v + res[np.uintp(e + q)]
+                v = src[np.uintp(s + q)] + bv
+                dst[np.uintp(d + q)] = _activation(v + res[np.uintp(e + q)], act, lo, hi)
         else:
             for q in range(n):
-                dst[np.uintp(d + q)] = src[np.uintp(os_ + r * lds + q)] + bv
-        if act == 1:
-            for q in range(n):
-                v = dst[np.uintp(d + q)]
-                dst[np.uintp(d + q)] = np.float32(0.0) if v < 0 else v
-        elif act == 2:
-            for q in range(n):
-                v = dst[np.uintp(d + q)]
-                dst[np.uintp(d + q)] = lo if v < lo else (hi if v > hi else v)
-        elif act == 3:
-            for q in range(n):
-                v = dst[np.uintp(d + q)]
-                dst[np.uintp(d + q)] = v * lo if v < 0 else v
+                dst[np.uintp(d + q)] = _activation(src[np.uintp(s + q)] + bv, act, lo, hi)
+
+
+@njit(cache=True)
+def _finish_in_place(dst, od, n, bv, res, orr, has_res, act, a0, a1):
+    """_finish of dst[od:od + n] into itself. Through one array and index: LLVM vectorizes a
+    loop only where it can tell its arrays apart, and with dst passed as src too it ran scalar,
+    3-4x slower (up to 40x with clip and a residual)."""
+    lo = np.float32(a0)
+    hi = np.float32(a1)
+    if has_res:
+        for q in range(n):
+            v = dst[np.uintp(od + q)] + bv
+            dst[np.uintp(od + q)] = _activation(v + res[np.uintp(orr + q)], act, lo, hi)
+    else:
+        for q in range(n):
+            dst[np.uintp(od + q)] = _activation(dst[np.uintp(od + q)] + bv, act, lo, hi)
 
 
 @njit(cache=True)
@@ -292,7 +311,7 @@ def _per_image(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, 
                           packs[t])
             for n in range(N):
                 o = (b * N + n) * P + p0
-                _finish(of, o, of, o, n_col, bias[n], rf, o, has_res, act, a0, a1)
+                _finish_in_place(of, o, n_col, bias[n], rf, o, has_res, act, a0, a1)
 
 
 @njit(cache=True)
@@ -1454,7 +1473,7 @@ def _kn2row_image(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt
                       (b * N + g * Ng) * P + oy0 * wo, P, packs[t])
             for n in range(N):
                 o = (b * N + n) * P + oy0 * wo
-                _finish(of, o, of, o, n_col, bias[n], rf, o, has_res, act, a0, a1)
+                _finish_in_place(of, o, n_col, bias[n], rf, o, has_res, act, a0, a1)
 
 
 @njit(cache=True, parallel=True)
