@@ -87,6 +87,12 @@ CASES = [
     (2, 16, 24, 2, 2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
     (1, 1, 8, 4, 5, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),       # fewer channels than threads
     (1, 5, 8, 4, 5, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),       # channels split unevenly
+    # whole tiles copied in runs of 8 or 4 columns, and a part tile (basis: streamed; conv and
+    # the last two's bases: packed)
+    (1, 12, 16, 3, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (1, 16, 24, 3, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (1, 20, 40, 9, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (1, 16, 32, 9, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
     # basis: split by K (B*H' rows and W' columns in one direct tile; and the 2x2 case above)
     (3, 40, 24, 3, 3, 3, 3, (2, 2), (0, 0, 0, 0), (1, 1), 1),     # 3 images of 1x1, strided
     (1, 24, 40, 1, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # one row of 4: the wide tile
@@ -197,10 +203,15 @@ def test_cases_cover_every_conv_path():
                               else "bands" if per_block < ho else "image"))
             elif plan.how == "packed":
                 seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
+                if not plan.grid:
+                    seen.add(("gather", "run", gemm._column_run(stride[1], wo),
+                              B * ho * wo % gemm.NR != 0))
             elif plan.how == "split_k":
                 seen.add(("split_k", ("wide", "narrow")[plan.split[0]]))
             elif plan.how == "streamed":
                 seen.add(("streamed", "tiles", -(-B * ho * wo // gemm.NR)))
+                seen.add(("streamed", "run", gemm._column_run(stride[1], wo),
+                          B * ho * wo % gemm.NR != 0))
             else:
                 seen.add(plan.how)
     # (packed by rows: plain convs, with 16 registers; with 32 they run direct)
@@ -213,6 +224,9 @@ def test_cases_cover_every_conv_path():
             ("direct", "channel block", gemm.CHANNEL_BLOCK), ("direct", "grid1", "images"),
             ("direct", "grid1", "bands"), ("direct", "grid1", "image"),
             ("direct", "grid conv", "bands"), ("direct", "grid conv", "image")} <= seen
+    # _pack_cols: whole tiles copied in runs of 8 and 4 columns, part tiles gathered
+    assert {(how, "run", run, part) for how in ("gather", "streamed") for run in (8, 4)
+            for part in (False, True)} <= seen, sorted(k for k in seen if "run" in k)
 
 
 @pytest.mark.parametrize("m,n,k,tb", [(1, 1, 1, False), (12, 32, 256, False), (13, 33, 257, True),

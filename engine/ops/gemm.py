@@ -28,7 +28,8 @@ Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per ima
   packed      (one group, B*P >= NR; not for basis convs whose stage 1 is kn2row per image)
               `_conv_packed`: weights packed once (sgemm.pack_rows); the output positions cut
               into chunks sized for L2; per chunk the im2col columns are gathered KC rows at a
-              time straight into the micro-kernel's panels (`_pack_cols`), or at stride 1 on
+              time straight into the micro-kernel's panels (`_pack_cols`, in runs of 8 or 4
+              consecutive values where the columns allow), or at stride 1 on
               wide images read in place ("grid", `plan_conv`); the micro-kernel writes a C chunk
               whose epilogue goes to the output. Split by chunks, or by output rows when a
               layer has fewer columns than rows (weight-bound).
@@ -482,7 +483,7 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
                 resp[t, q] = 0.0
         for k0 in range(c0 * kh * kw, c1 * kh * kw, KC):
             kc = min(KC, c1 * kh * kw - k0)
-            _pack_cols(xpf, colbase, delta, k0, kc, tiles, cols[t])
+            _pack_cols(xpf, colbase, delta, k0, kc, B * P, cols[t], _column_run(sw, wo))
             for s in range(Mp // MR):
                 for tile in range(tiles):
                     _micro(kc, wp, (s * K + k0) * MR, cols[t], tile * kc * NR, boff, 0,
@@ -582,18 +583,42 @@ def _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P):
 
 
 @njit(cache=True)
-def _pack_cols(xpf, colbase, delta, k0, kc, tiles, bp):
-    """B micro-panels of rows [k0, k0 + kc) of the im2col matrix of tiles*NR columns, gathered
-    from the padded input xpf (flat): bp[(t*kc + r)*NR + l] = xpf[colbase[t*NR + l] +
-    delta[k0 + r]], colbase: a column's window corner, delta: a row's tap offset. Branch-free,
-    so that it vectorizes (unsigned indices: no negative-index wrap)."""
-    for t in range(tiles):
+def _column_run(sw, wo):
+    """The aligned groups of output columns whose window corners are consecutive (_pack_cols):
+    8 or 4 at stride 1 when W' is a multiple of it, else 1."""
+    if sw != 1:
+        return 1
+    return 8 if wo % 8 == 0 else 4 if wo % 4 == 0 else 1
+
+
+@njit(cache=True)
+def _pack_cols(xpf, colbase, delta, k0, kc, nq, bp, run):
+    """B micro-panels of rows [k0, k0 + kc) of the im2col matrix of nq columns (in tiles of NR,
+    the last one's columns past nq repeating column nq - 1), gathered from the padded input
+    xpf (flat): bp[(t*kc + r)*NR + l] = xpf[colbase[t*NR + l] + delta[k0 + r]], colbase: a
+    column's window corner, delta: a row's tap offset. run (8 or 4, else 1): every aligned
+    group of that many columns has consecutive corners (stride 1, W' a multiple of it), so a
+    row of a whole tile is copied as vectors (value by value it took several times as long).
+    Unsigned indices (no negative-index wrap), so that the loops vectorize."""
+    for t in range(-(-nq // NR)):
         cb = colbase[t * NR:(t + 1) * NR]
+        grouped = run if (t + 1) * NR <= nq else 1
         for r in range(kc):
             dl = delta[k0 + r]
-            d = bp[(t * kc + r) * NR:(t * kc + r + 1) * NR]
-            for l in range(NR):
-                d[l] = xpf[np.uintp(cb[l] + dl)]
+            o = (t * kc + r) * NR
+            if grouped == 8:
+                for j in range(0, NR, 8):
+                    s = cb[j] + dl
+                    for u in range(8):
+                        bp[np.uintp(o + j + u)] = xpf[np.uintp(s + u)]
+            elif grouped == 4:
+                for j in range(0, NR, 4):
+                    s = cb[j] + dl
+                    for u in range(4):
+                        bp[np.uintp(o + j + u)] = xpf[np.uintp(s + u)]
+            else:
+                for l in range(NR):
+                    bp[np.uintp(o + l)] = xpf[np.uintp(cb[l] + dl)]
 
 
 @njit(cache=True)
@@ -683,7 +708,7 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
                 if grid:
                     src, boff, obf, ob, step = xpf, delta, k0, img, NR
                 else:
-                    _pack_cols(xpf, colbase, delta, k0, kc, tiles, buf)
+                    _pack_cols(xpf, colbase, delta, k0, kc, nq, buf, _column_run(sw, wo))
                     src, boff, obf, ob, step = buf, rows, 0, 0, kc * NR
                 if two:
                     for s in range(R1 // MR):
