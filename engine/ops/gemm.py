@@ -196,7 +196,7 @@ def _finish(dst, od, src, os_, n, bv, res, orr, has_res, act, a0, a1, rows=1, ld
 def _finish_in_place(dst, od, n, bv, res, orr, has_res, act, a0, a1):
     """_finish of dst[od:od + n] into itself. Through one array and index: LLVM vectorizes a
     loop only where it can tell its arrays apart, and with dst passed as src too it ran scalar,
-    3-4x slower (up to 40x with clip and a residual)."""
+    3-4x slower."""
     lo = np.float32(a0)
     hi = np.float32(a1)
     if has_res:
