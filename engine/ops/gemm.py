@@ -171,41 +171,35 @@ def _activation(v, act, lo, hi):
     return v
 
 
+@njit(inline="always")
+def _finish_row(dst, od, src, os_, n, bv, res, orr, has_res, act, lo, hi):
+    """dst[od + q] = act(src[os_ + q] + bv (+ res[orr + q])) for q < n, in one pass."""
+    if has_res:
+        for q in range(n):
+            v = src[np.uintp(os_ + q)] + bv
+            dst[np.uintp(od + q)] = _activation(v + res[np.uintp(orr + q)], act, lo, hi)
+    else:
+        for q in range(n):
+            dst[np.uintp(od + q)] = _activation(src[np.uintp(os_ + q)] + bv, act, lo, hi)
+
+
 @njit(cache=True)
 def _finish(dst, od, src, os_, n, bv, res, orr, has_res, act, a0, a1, rows=1, ldd=0, lds=0):
     """dst[od + r*ldd + q] = act(src[os_ + r*lds + q] + bv (+ res[orr + r*ldd + q])) for q < n,
-    r < rows, in one pass; dst is not src (in place: _finish_in_place). Unsigned indices (no
-    wrap-around checks) and no views (their set-up costs more than a short row), so that the
-    loops vectorize."""
-    lo = np.float32(a0)
-    hi = np.float32(a1)
+    r < rows; dst is not src (in place: _finish_in_place). Unsigned indices (no wrap-around
+    checks) and no views (their set-up costs more than a short row), so that the loops
+    vectorize."""
     for r in range(rows):
-        d = od + r * ldd
-        s = os_ + r * lds
-        if has_res:
-            e = orr + r * ldd
-            for q in range(n):
-                v = src[np.uintp(s + q)] + bv
-                dst[np.uintp(d + q)] = _activation(v + res[np.uintp(e + q)], act, lo, hi)
-        else:
-            for q in range(n):
-                dst[np.uintp(d + q)] = _activation(src[np.uintp(s + q)] + bv, act, lo, hi)
+        _finish_row(dst, od + r * ldd, src, os_ + r * lds, n, bv, res, orr + r * ldd, has_res,
+                    act, np.float32(a0), np.float32(a1))
 
 
 @njit(cache=True)
 def _finish_in_place(dst, od, n, bv, res, orr, has_res, act, a0, a1):
-    """_finish of dst[od:od + n] into itself. Through one array and index: LLVM vectorizes a
-    loop only where it can tell its arrays apart, and with dst passed as src too it ran scalar,
-    3-4x slower."""
-    lo = np.float32(a0)
-    hi = np.float32(a1)
-    if has_res:
-        for q in range(n):
-            v = dst[np.uintp(od + q)] + bv
-            dst[np.uintp(od + q)] = _activation(v + res[np.uintp(orr + q)], act, lo, hi)
-    else:
-        for q in range(n):
-            dst[np.uintp(od + q)] = _activation(dst[np.uintp(od + q)] + bv, act, lo, hi)
+    """_finish of dst[od:od + n] into itself. Inlined with one array and index, the loop
+    vectorizes; through _finish, with dst also passed as src, LLVM's run-time overlap check
+    sent it to its scalar version, 3-4x slower."""
+    _finish_row(dst, od, dst, od, n, bv, res, orr, has_res, act, np.float32(a0), np.float32(a1))
 
 
 @njit(cache=True)
@@ -448,6 +442,19 @@ def _pad_channels(x, c0, c1, pt, pl, Hp, Wp, xpf):
                     xpf[t0 * plane:(t0 + c1 - c0) * plane])
 
 
+@njit(cache=True)
+def _sum_partials(resp, n):
+    """The first n values of the threads' partial sums resp (T, ...) added up in thread order
+    (so the result does not depend on which thread finished first)."""
+    summed = np.empty(n, np.float32)
+    for q in range(n):
+        v = resp[0, q]
+        for u in range(1, resp.shape[0]):
+            v += resp[u, q]
+        summed[q] = v
+    return summed
+
+
 @njit(cache=True, parallel=True)
 def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res,
                     has_res, act, a0, a1, out, xpf, cols, resp, tmp, T):
@@ -489,12 +496,7 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
                     _micro(kc, wp, (s * K + k0) * MR, cols[t], tile * kc * NR, boff, 0,
                            resp[t], (tile * Mp + s * MR) * NR, NR, k0 > c0 * kh * kw)
     for t in prange(T):
-        summed = np.empty(Mp * ld, np.float32)     # (tiles, Mp, NR)
-        for q in range(Mp * ld):
-            v = resp[0, q]
-            for u in range(1, T):
-                v += resp[u, q]
-            summed[q] = v
+        summed = _sum_partials(resp, Mp * ld)      # (tiles, Mp, NR)
         s0, s1 = Np // MR * t // T, Np // MR * (t + 1) // T
         for s in range(s0, s1):
             for tile in range(tiles):
@@ -542,12 +544,7 @@ def _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct, na
             _direct_row(narrow, k1 - k0, xpf, sw, koff[k0:], roff, wt, (pb * K + k0) * NR,
                         resp[t], pb * NR * ld, ld, TX, TX)
     for t in prange(T):
-        summed = np.empty(M * ld, np.float32)
-        for q in range(M * ld):
-            v = resp[0, q]
-            for u in range(1, T):
-                v += resp[u, q]
-            summed[q] = v
+        summed = _sum_partials(resp, M * ld)       # (Mq, NY*TX)
         for panel in range(panels * t // T, panels * (t + 1) // T):
             _direct_row(narrow, M, summed, 1, koff1, roff1, ct, panel * M * NR, tmp,
                         panel * NR * ld, ld, TX, TX)
