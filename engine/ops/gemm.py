@@ -595,7 +595,8 @@ def _pack_cols(xpf, colbase, delta, k0, kc, nq, bp, run):
     xpf (flat): bp[(t*kc + r)*NR + l] = xpf[colbase[t*NR + l] + delta[k0 + r]], colbase: a
     column's window corner, delta: a row's tap offset. run (8 or 4, else 1): every aligned
     group of that many columns has consecutive corners (stride 1, W' a multiple of it), so a
-    row of a whole tile is copied as vectors (value by value it took several times as long).
+    row of a whole tile is copied as vectors (value by value it took several times as long,
+    and LLVM kept an unrolled copy of runs scalar: `_vector_move`).
     Unsigned indices (no negative-index wrap), so that the loops vectorize."""
     for t in range(-(-nq // NR)):
         cb = colbase[t * NR:(t + 1) * NR]
@@ -605,14 +606,10 @@ def _pack_cols(xpf, colbase, delta, k0, kc, nq, bp, run):
             o = (t * kc + r) * NR
             if grouped == 8:
                 for j in range(0, NR, 8):
-                    s = cb[j] + dl
-                    for u in range(8):
-                        bp[np.uintp(o + j + u)] = xpf[np.uintp(s + u)]
+                    _move8(bp, o + j, xpf, cb[j] + dl)
             elif grouped == 4:
                 for j in range(0, NR, 4):
-                    s = cb[j] + dl
-                    for u in range(4):
-                        bp[np.uintp(o + j + u)] = xpf[np.uintp(s + u)]
+                    _move4(bp, o + j, xpf, cb[j] + dl)
             else:
                 for l in range(NR):
                     bp[np.uintp(o + l)] = xpf[np.uintp(cb[l] + dl)]
@@ -764,6 +761,32 @@ def _claim(typingctx, taken_t, i_t):
         old = builder.atomic_rmw("xchg", cell, ir.Constant(i32, 1), "acq_rel")
         return builder.icmp_signed("==", old, ir.Constant(i32, 0))
     return sig, codegen
+
+
+def _vector_move(lanes):
+    """An intrinsic move(dst, od, src, os): dst[od:od + lanes] = src[os:os + lanes] as one
+    vector load and store. The same copy written value by value stays lanes scalar moves:
+    LLVM cannot rule out that the two ranges overlap."""
+    @intrinsic
+    def move(typingctx, dst_t, od_t, src_t, os_t):
+        sig = types.void(dst_t, types.intp, src_t, types.intp)
+
+        def codegen(context, builder, signature, args):
+            dst, od, src, os_ = args
+            vec = ir.VectorType(ir.FloatType(), lanes).as_pointer()
+
+            def at(arr_t, arr, offset):
+                data = context.make_array(arr_t)(context, builder, arr).data
+                return builder.bitcast(builder.gep(data, [offset]), vec)
+            builder.store(builder.load(at(src_t, src, os_), align=4), at(dst_t, dst, od),
+                          align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return move
+
+
+_move8 = _vector_move(8)
+_move4 = _vector_move(4)
 
 
 @njit(inline="always")
