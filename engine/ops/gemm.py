@@ -62,6 +62,10 @@ Also here: `linear_gemm` (linear, output features split) and `matmul` (the TT ch
 im2col of stride-1 'same' convs is one shifted copy per row (`_im2col`). Short inner loops index
 the flat arrays with unsigned offsets (np.uintp): without wrap-around checks LLVM vectorizes them
 (signed indices: 7x slower shifted adds), and no view is set up per row (slower on short rows).
+Copies and adds of short rows between two arrays (kn2row's shifted adds, a padded plane's rows,
+the gather's runs) go through explicit vector loads and stores (`_vector_op`, `_run`): LLVM's
+own loop ran them scalar below 32 values (its vector body, behind an overlap check), so
+BasisConv VGG-16 at batch 16 was 9% slower.
 
 Each thread takes a contiguous run of every kernel's tasks (images, chunks of columns, blocks of
 rows), so that it reads mostly what it wrote in the layer before: touching data the other core
@@ -596,7 +600,7 @@ def _pack_cols(xpf, colbase, delta, k0, kc, nq, bp, run):
     column's window corner, delta: a row's tap offset. run (8 or 4, else 1): every aligned
     group of that many columns has consecutive corners (stride 1, W' a multiple of it), so a
     row of a whole tile is copied as vectors (value by value it took several times as long,
-    and LLVM kept an unrolled copy of runs scalar: `_vector_move`).
+    and LLVM kept an unrolled copy of runs scalar: `_vector_op`).
     Unsigned indices (no negative-index wrap), so that the loops vectorize."""
     for t in range(-(-nq // NR)):
         cb = colbase[t * NR:(t + 1) * NR]
@@ -639,8 +643,11 @@ def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst, cb=1):
                     if 0 <= y < H:
                         d = o + (u - u0) * Wq * cb
                         s = (t * H + y) * W + j - pl
-                        for v in range(v0, v1):
-                            dst[np.uintp(d + v * cb)] = xf[np.uintp(s + v * sw)]
+                        if sw == 1 and cb == 1:
+                            _run(dst, d + v0, xf, s + v0, v1 - v0, False)
+                        else:
+                            for v in range(v0, v1):
+                                dst[np.uintp(d + v * cb)] = xf[np.uintp(s + v * sw)]
 
 
 @njit(cache=True, parallel=True)
@@ -763,12 +770,13 @@ def _claim(typingctx, taken_t, i_t):
     return sig, codegen
 
 
-def _vector_move(lanes):
-    """An intrinsic move(dst, od, src, os): dst[od:od + lanes] = src[os:os + lanes] as one
-    vector load and store. The same copy written value by value stays lanes scalar moves:
-    LLVM cannot rule out that the two ranges overlap."""
+def _vector_op(lanes, add):
+    """An intrinsic f(dst, od, src, os): dst[od:od + lanes] = src[os:os + lanes], or += when
+    add, as whole-vector loads and a store. The same loop over values stays scalar when short:
+    LLVM vectorizes it only 32 values at a time, behind a run-time check that the two ranges
+    do not overlap."""
     @intrinsic
-    def move(typingctx, dst_t, od_t, src_t, os_t):
+    def op(typingctx, dst_t, od_t, src_t, os_t):
         sig = types.void(dst_t, types.intp, src_t, types.intp)
 
         def codegen(context, builder, signature, args):
@@ -778,15 +786,42 @@ def _vector_move(lanes):
             def at(arr_t, arr, offset):
                 data = context.make_array(arr_t)(context, builder, arr).data
                 return builder.bitcast(builder.gep(data, [offset]), vec)
-            builder.store(builder.load(at(src_t, src, os_), align=4), at(dst_t, dst, od),
-                          align=4)
+            target = at(dst_t, dst, od)
+            value = builder.load(at(src_t, src, os_), align=4)
+            if add:
+                value = builder.fadd(builder.load(target, align=4), value)
+            builder.store(value, target, align=4)
             return context.get_dummy_value()
         return sig, codegen
-    return move
+    return op
 
 
-_move8 = _vector_move(8)
-_move4 = _vector_move(4)
+_move8, _move4, _add8, _add4 = (_vector_op(8, False), _vector_op(4, False),
+                                _vector_op(8, True), _vector_op(4, True))
+
+
+@njit(inline="always")
+def _run(dst, od, src, os_, n, add):
+    """dst[od:od + n] = src[os_:os_ + n], or += when add: vectors of 8, one of 4, then values
+    (short rows: the shifted adds of kn2row, the rows of a padded plane)."""
+    q = 0
+    while q + 8 <= n:
+        if add:
+            _add8(dst, od + q, src, os_ + q)
+        else:
+            _move8(dst, od + q, src, os_ + q)
+        q += 8
+    if q + 4 <= n:
+        if add:
+            _add4(dst, od + q, src, os_ + q)
+        else:
+            _move4(dst, od + q, src, os_ + q)
+        q += 4
+    for u in range(q, n):
+        if add:
+            dst[np.uintp(od + u)] += src[np.uintp(os_ + u)]
+        else:
+            dst[np.uintp(od + u)] = src[np.uintp(os_ + u)]
 
 
 @njit(inline="always")
@@ -1466,13 +1501,8 @@ def _shift_add(Y, oY, ldY, iy0, W, M, kh, kw, dh, dw, pt, pl, oy0, oy1, wo, H, s
             for m in range(m0, m1):
                 src = oY + ((i * kw + j) * M + m) * ldY + (ya - pt + i * dh - iy0) * W + off + lo
                 dst = os_ + m * lds + (ya - oy0) * wo + lo
-                for oy in range(yb - ya):
-                    # unsigned indices: the add vectorizes (signed ones: 7x slower; row views
-                    # 6% slower, their set-up outweighing a short row)
-                    a = src + oy * W
-                    d = dst + oy * wo
-                    for q in range(L):
-                        s[np.uintp(d + q)] += Y[np.uintp(a + q)]
+                for oy in range(yb - ya):     # rows of W' values: vectors of 8 (_run)
+                    _run(s, dst + oy * wo, Y, src + oy * W, L, True)
 
 
 @njit(cache=True, parallel=True)
