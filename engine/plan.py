@@ -143,8 +143,8 @@ class Plan:
         self.steps = _lower(graph, self.shapes)
         for step in self.steps:
             OPS[step.node.op].prepare(step.node)
-        # what run() executes: per step the op's run_fused and the names it reads and writes
-        self._program = tuple((OPS[st.node.op].run_fused, st.node, tuple(st.node.inputs), st.act,
+        # what run() executes: per step the op's launch and the names it reads and writes
+        self._program = tuple((OPS[st.node.op].launcher(st.node, st.act), tuple(st.node.inputs),
                                st.residual, st.output, st.frees) for st in self.steps)
         self._checked: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
@@ -211,9 +211,9 @@ class Plan:
         env = dict(xs)
         token = buffers.using(self._pool)
         try:
-            for run, node, inputs, act, residual, output, frees in self._program:
-                env[output] = run(node, [env[i] for i in inputs], act,
-                                  None if residual is None else env[residual])
+            for launch, inputs, residual, output, frees in self._program:
+                env[output] = launch([env[i] for i in inputs],
+                                     None if residual is None else env[residual])
                 for t in frees:
                     self._pool.give(env.pop(t))
         finally:

@@ -430,6 +430,27 @@ def test_activation_fused_into_unfolded_batch_norm():
     np.testing.assert_array_equal(model(x), model.activations(x, kernels="reference")["relu"])
 
 
+@pytest.mark.parametrize("op,mode", [("conv2d", "zeros"), ("conv2d", "reflect"),
+                                     ("basis_conv2d", "zeros")])
+def test_step_launch_set_up_per_input_shape(op, mode):
+    """A plan step's launch (set up once per input shape and residual) equals run_fused bit for
+    bit, with shapes, residuals of the output's shape, broadcasting ones and none alternating
+    on the same launch."""
+    attrs = {"stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1,
+             "padding_mode": mode}
+    weights = ({"basis": rand(3, 4, 3, 3), "combine": rand(6, 3, seed=1)} if op == "basis_conv2d"
+               else {"weight": rand(6, 4, 3, 3)})
+    weights["bias"] = rand(6, seed=2)
+    node = Node("c", op, ["x"], dict(attrs, rank=3) if op == "basis_conv2d" else attrs, weights)
+    impl = OPS[op]
+    launch = impl.launcher(node, ("relu",))
+    for shape in [(1, 4, 9, 9), (3, 4, 9, 9), (1, 4, 9, 9), (2, 4, 5, 7), (1, 4, 9, 9)]:
+        x = rand(*shape, seed=shape[0])
+        out = (shape[0], 6) + shape[2:]
+        for r in (None, rand(*out, seed=3), rand(1, 6, 1, 1, seed=4)):
+            np.testing.assert_array_equal(launch([x], r), impl.run_fused(node, [x], ("relu",), r))
+
+
 def test_blas_called_by_kernels_is_single_threaded():
     assert gemm.LIMITED_BLAS
     threads = {i["filepath"]: i["num_threads"] for i in threadpool_info()}

@@ -75,6 +75,12 @@ class Op:
         kernels apply these in their epilogue override it."""
         return residual_then_act(self.run(node, *xs), residual, act)
 
+    def launcher(self, node: Node, act: tuple | None):
+        """What a plan step calls, launch(xs, residual) -> output: run_fused with the node and
+        activation bound. Ops with per-shape set-up worth doing once (the GEMM convs) override
+        it."""
+        return lambda xs, residual: self.run_fused(node, xs, act, residual)
+
     # --- counting -------------------------------------------------------------------------
     def cost(self, node: Node, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> Cost:
         """Operations of one call, from the shapes alone (the analytic count)."""

@@ -9,7 +9,7 @@ basis_linear (attrs: rank M; weights basis (M, in) fixed, combine (out, M), bias
   y = (x @ basis.T) @ combine.T + bias over the last dim.
 
 The reference is the composition of the conv2d / linear reference kernels, so the op is defined
-by the two stages above and nothing else. Fast path (conv.basis_conv2d_fast -> gemm.conv_gemm):
+by the two stages above and nothing else. Fast path (conv.basis_conv2d_fast -> gemm.prepare_conv):
 both stages in the same tasks; stage 1 once per input (every output channel of a group reuses
 the same G*M responses). One group, where its tiles waste little: the direct conv (a block's
 responses by its micro-kernel, then the combine as a 1x1 conv over them); else by im2col +
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from ..graph import Node
 from . import Cost, Op, mismatch, numel, register
-from .conv import Conv2d, basis_conv2d_fast, check_weight, conv_workspace
+from .conv import (Conv2d, basis_conv2d_fast, check_weight, conv_workspace, gemm_launch,
+                   per_shape)
 from .linear import Linear, linear_counted, linear_fast
 from .shape import int_min
 
@@ -103,6 +104,13 @@ class BasisConv2d(Op):
         return basis_conv2d_fast(xs[0], w["basis"], w["combine"], w.get("bias"), a["stride"],
                                  a["padding"], a["dilation"], a["groups"], a["padding_mode"], act,
                                  residual)
+
+    def launcher(self, node, act):
+        """Set up once per input shape (conv.gemm_launch)."""
+        a, w = node.attrs, node.weights
+        return per_shape(lambda x_shape, residual: gemm_launch(
+            x_shape, w["basis"], w.get("bias"), a["stride"], a["padding"], a["dilation"],
+            a["groups"], a["padding_mode"], act, residual, w["combine"]))
 
     def workspace(self, node, in_shapes, out_shape):
         """Scratch elements besides the output: the fused kernel's (conv_workspace: im2col or

@@ -8,11 +8,13 @@ every window) and `check_weight`.
 Fast path `conv2d_fast` (bias, a fused residual add and the activation in one epilogue):
   - groups == C (depthwise, any channel multiplier): `_depthwise`, a direct Numba kernel with one
     prange task per (image, output channel); residual and activation after, in NumPy.
-  - otherwise `gemm.conv_gemm` (zero padding inline; other modes padded first): one group with
+  - otherwise `gemm.prepare_conv` (zero padding inline; other modes padded first): one group with
     K = C*kh*kw >= 64 mostly the direct conv (register tiles over the input read in place, no
     im2col); else im2col gathered into the GEMM's panels, or im2col / kn2row and sgemm per
     image or per batch, inside Numba prange tasks (see ops/gemm.py, plan_conv).
 `basis_conv2d_fast` runs both stages of a basis conv in the same tasks (ops/basis.py).
+A plan step sets a GEMM-shaped conv up once per input shape (`launcher`, `per_shape`: the
+launch gemm.prepare_conv returns), so that a call runs little Python besides the kernel.
 Cost: macs = B*N*H'*W'*(C/G)*kh*kw; other = B*N*H'*W' (the bias add) when there is a bias.
 Counted (`conv2d_counted`, also the MAC kernel of linear, basis and TT): `_conv_counted`, direct
 loops over every (b, n, oy, ox, c, i, j) tap of the padded input, taps reading padding included.
@@ -26,7 +28,7 @@ from ..buffers import empty
 from ..errors import FormatError
 from . import Cost, Op, attr, mismatch, numel, register
 from .activation import residual_then_act
-from .gemm import conv_gemm, plan_conv
+from .gemm import plan_conv, prepare_conv
 from .shape import int_min, ints
 
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -114,6 +116,22 @@ def _depthwise(xp, w, bias, sh, sw, dh, dw, out):
                             of[np.uintp(d + ox)] += wv * xf[np.uintp(s0 + ox * sw)]
 
 
+def gemm_launch(x_shape, w1, bias, stride, padding, dilation, groups, padding_mode, act=None,
+                residual=None, w2=None):
+    """launch(x, residual) -> output of a GEMM-shaped conv (w2 None) or basis conv (combine w2)
+    set up for one input shape and residual ((shape, dtype) or None): gemm.prepare_conv, other
+    padding modes than zeros padded first."""
+    B, C, H, W = x_shape
+    ho, wo = conv_out_hw(H, W, w1.shape[2], w1.shape[3], stride, padding, dilation)
+    if padding_mode == "zeros" or not any(padding):
+        return prepare_conv(x_shape, w1, bias, stride, padding, dilation, groups, ho, wo, w2, act,
+                            residual)
+    padded = (B, C, H + padding[0] + padding[2], W + padding[1] + padding[3])
+    launch = prepare_conv(padded, w1, bias, stride, (0, 0, 0, 0), dilation, groups, ho, wo, w2,
+                          act, residual)
+    return lambda x, r: launch(pad2d(x, padding, padding_mode), r)
+
+
 def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode, act=None,
                 residual=None):
     """Fast conv2d of float32 C-contiguous x (B, C, H, W) with weight (N, C/G, kh, kw) and bias
@@ -121,12 +139,10 @@ def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode
     and activation `act` (see activation.apply_act). Shapes must have passed Conv2d.infer."""
     B, C, H, W = x.shape
     N, Cg, kh, kw = weight.shape
-    ho, wo = conv_out_hw(H, W, kh, kw, stride, padding, dilation)
     if groups != C:  # GEMM-shaped: im2col + sgemm tasks with a fused epilogue
-        if padding_mode != "zeros" and any(padding):
-            x, padding = pad2d(x, padding, padding_mode), (0, 0, 0, 0)
-        return conv_gemm(x, weight, bias, stride, padding, dilation, groups, ho, wo, act=act,
-                         residual=residual)
+        return gemm_launch(x.shape, weight, bias, stride, padding, dilation, groups, padding_mode,
+                           act, _residual_key(residual))(x, residual)
+    ho, wo = conv_out_hw(H, W, kh, kw, stride, padding, dilation)
     xp = pad2d(x, padding, padding_mode)  # (B, C, H + top + bottom, W + left + right)
     out = empty((B, N, ho, wo))                     # (B, N, H', W'), recycled (buffers.py)
     bias_n = bias if bias is not None else np.zeros(N, np.float32)  # (N)
@@ -137,14 +153,33 @@ def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode
 def basis_conv2d_fast(x, basis, combine, bias, stride, padding, dilation, groups, padding_mode,
                       act=None, residual=None):
     """Fast basis conv: stage 1 with basis (G*M, C/G, kh, kw) and stage 2 with combine (N, M)
-    (grouped 1x1) in the same GEMM tasks (gemm.conv_gemm), then + bias, + residual and `act`
+    (grouped 1x1) in the same GEMM tasks (gemm.prepare_conv), then + bias, + residual and `act`
     in its epilogue. Shapes must have passed BasisConv2d.infer."""
-    ho, wo = conv_out_hw(x.shape[2], x.shape[3], basis.shape[2], basis.shape[3], stride, padding,
-                         dilation)
-    if padding_mode != "zeros" and any(padding):
-        x, padding = pad2d(x, padding, padding_mode), (0, 0, 0, 0)
-    return conv_gemm(x, basis, bias, stride, padding, dilation, groups, ho, wo, w2=combine,
-                     act=act, residual=residual)
+    return gemm_launch(x.shape, basis, bias, stride, padding, dilation, groups, padding_mode, act,
+                       _residual_key(residual), combine)(x, residual)
+
+
+def _residual_key(residual):
+    """What a prepared launch depends on of a residual: its (shape, dtype), or None."""
+    return None if residual is None else (residual.shape, residual.dtype)
+
+
+def per_shape(prepare):
+    """A plan step's launch(xs, residual) -> output that calls prepare(x_shape, residual's
+    (shape, dtype) or None) once per input shape and residual and then the launch(x, residual)
+    it returned, so that per-shape set-up runs once."""
+    launches = {}
+
+    def launch(xs, residual):
+        x = xs[0]
+        key = (x.shape, _residual_key(residual))
+        run = launches.get(key)
+        if run is None:
+            if len(launches) >= 64:
+                launches.clear()
+            run = launches[key] = prepare(*key)
+        return run(x, residual)
+    return launch
 
 
 def conv_workspace(x_shape, out_shape, weight_shape, groups, attrs, rank=None) -> int:
@@ -279,6 +314,17 @@ class Conv2d(Op):
         return conv2d_fast(xs[0], node.weights["weight"], node.weights.get("bias"), a["stride"],
                            a["padding"], a["dilation"], a["groups"], a["padding_mode"], act,
                            residual)
+
+    def launcher(self, node, act):
+        """GEMM-shaped convs set up once per input shape (gemm_launch); depthwise run_fused."""
+        a, w = node.attrs, node.weights
+
+        def prepare(x_shape, residual):
+            if a["groups"] == x_shape[1]:
+                return lambda x, r: self.run_fused(node, [x], act, r)
+            return gemm_launch(x_shape, w["weight"], w.get("bias"), a["stride"], a["padding"],
+                               a["dilation"], a["groups"], a["padding_mode"], act, residual)
+        return per_shape(prepare)
 
     def workspace(self, node, in_shapes, out_shape):
         """Scratch elements: a padded input copy where needed and the GEMM tasks' im2col

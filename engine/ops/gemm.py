@@ -10,7 +10,7 @@ scipy.linalg.cython_blas exports), and that BLAS is set to one thread at import
 against Numba's. NumPy's own BLAS is left as the user set it; the engine does not call it on
 any hot path.
 
-Ways to run a conv (`conv_gemm`, `plan_conv`), P = H'W' output positions per image:
+Ways to run a conv (`prepare_conv`, `plan_conv`), P = H'W' output positions per image:
   direct      (one group, K = C*kh*kw >= DIRECT_MIN_K, tiles wasting little; by tiles only
               where direct_beats_packed: with AVX2 at stride 1 on wide images)
               `_conv_direct`: no im2col. Register tiles of a few output rows x 4 (or 2)
@@ -1179,7 +1179,7 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
 
 
 class ConvPlan(NamedTuple):
-    """How conv_gemm runs a conv's shapes (plan_conv)."""
+    """How prepare_conv runs a conv's shapes (plan_conv)."""
     how: str          # "direct" (_conv_direct), "packed" (_conv_packed), "streamed"
                       # (_basis_streamed), "split_k" (_basis_split_k), "image" (per image)
                       # or "batched" (whole batch)
@@ -1195,14 +1195,14 @@ class ConvPlan(NamedTuple):
 
     @property
     def workspace(self) -> int:
-        """Scratch values conv_gemm allocates (at most, over thread counts)."""
+        """Scratch values prepare_conv's launch allocates (at most, over thread counts)."""
         return (threads() * self.pack
                 + (self.scratch if self.how in ("batched", "streamed", "split_k")
                    else threads() * self.scratch + self.padded))
 
 
 def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=None) -> ConvPlan:
-    """How conv_gemm runs a conv of x (B, C, H, W) into N channels of H' x W' with zero padding
+    """How prepare_conv runs a conv of x (B, C, H, W) into N channels of H' x W' with zero padding
     [t, l, b, r]; M: basis rank (None for a plain conv). Measured choices (VGG-16, batch 16):
       direct   convs and basis convs of one group with K >= DIRECT_MIN_K and a kernel at
                least as large as the stride (a 1x1 strided conv would copy 4x the input it
@@ -1329,28 +1329,31 @@ def planned(*args) -> ConvPlan:
     return plan_conv(*args)
 
 
-def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, act=None,
-              residual=None):
+def prepare_conv(x_shape, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, act=None,
+                 residual=None):
     """conv2d (w2 None: w1 (N, C/G, kh, kw)) or basis conv (w1 basis (G*M, C/G, kh, kw),
-    w2 combine (N, M)) of float32 C-contiguous x (B, C, H, W), zero padding [t, l, b, r]
-    (other modes: pad first), then + bias (N or None), + residual (the output's shape) and
-    activation `act`. Returns (B, N, H', W'). Shapes must have passed the op's infer."""
-    B, C, H, W = x.shape
+    w2 combine (N, M)) of float32 C-contiguous inputs (B, C, H, W) = x_shape, zero padding
+    [t, l, b, r] (other modes: pad first), then + bias (N or None), + residual and activation
+    `act`, set up for that input shape and residual ((shape, dtype), or None): the way to run
+    it, packed weights, epilogue codes and scratch shapes chosen once. Returns
+    launch(x, residual) -> output (B, N, H', W'), which takes the output and scratch and calls
+    the kernel. A plan step keeps one per input shape (that set-up was 6-14 us a call).
+    Shapes must have passed the op's infer."""
+    B, C, H, W = x_shape
     GM, Cg, kh, kw = w1.shape
     two = w2 is not None
     N = w2.shape[0] if two else GM
     M = GM // groups if two else None
-    out = empty((B, N, ho * wo))                      # (B, N, H'W'), recycled (buffers.py)
+    P = ho * wo
+    out_shape = (B, N, P)                           # (B, N, H'W'), recycled (buffers.py)
     code, a0, a1, done = act_code(act)
-    res = residual
-    if res is not None and (res.shape != (B, N, ho, wo) or res.dtype != np.float32):
-        res = None                                  # broadcasting add: done after, in NumPy
-    has_res = res is not None
-    res3 = np.ascontiguousarray(res).reshape(B, N, ho * wo) if has_res else _NO_RES
-    if residual is not None and not has_res:       # NumPy adds it, then the activation
+    has_res = residual is not None and residual == ((B, N, ho, wo), np.float32)
+    add_after = residual is not None and not has_res   # broadcasting add: NumPy, after
+    if add_after:                                   # ... then the activation
         done = False
-    if not done:                                    # NumPy applies it after the residual
+    if not done:
         code = 0
+    act_after = None if done else act
     if bias is None:
         bias = np.zeros(N, np.float32)
     sh, sw = stride
@@ -1359,9 +1362,8 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
     w1m = w1.reshape(GM, Cg * kh * kw)
     w2m = w2 if two else _NO_W2
     T = threads()
-    plan = planned(x.shape, N, kh, kw, ho, wo, tuple(stride), tuple(padding), tuple(dilation),
+    plan = planned(x_shape, N, kh, kw, ho, wo, tuple(stride), tuple(padding), tuple(dilation),
                    groups, M)
-    P = ho * wo
     Hp, Wp = H + padding[0] + padding[2], W + padding[1] + padding[3]
     if plan.how == "direct":
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
@@ -1370,48 +1372,61 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
               _DERIVED.get(w1, ("direct", cb), lambda: pack_cols(blocked_k(w1m, cb, kh * kw))))
         ct = (_DERIVED.get(w2, "grid1", lambda: pack_rows(w2)) if two and grid1 else
               _DERIVED.get(w2, "direct", lambda: pack_cols(w2)) if two else wt)
-        ws, = scratch((T, plan.scratch))
-        _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res3, has_res,
-                     code, a0, a1, ho, wo, *plan.split, out, ws)
+
+        def run(x, res3, out):
+            ws, = scratch((T, plan.scratch))
+            _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, res3,
+                         has_res, code, a0, a1, ho, wo, *plan.split, out, ws)
     elif plan.how == "packed":
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, round_up(M, MR))) if two else wp
-        ws, xpf = scratch((T, plan.scratch), (plan.padded,))  # xpf: (B, C, Hp, Wp), margin
-        if plan.padded:
-            xpf[B * C * Hp * Wp:] = 0.0
-            _pad_input(x, pt, pl, Hp, Wp, xpf, T)
-        else:
-            xpf = x.ravel()
-        _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res3, has_res, code, a0,
-                     a1, sh, sw, ho, wo, plan.grid, *plan.split, out, ws)
+
+        def run(x, res3, out):
+            ws, xpf = scratch((T, plan.scratch), (plan.padded,))  # xpf: (B, C, Hp, Wp), margin
+            if plan.padded:
+                xpf[B * C * Hp * Wp:] = 0.0
+                _pad_input(x, pt, pl, Hp, Wp, xpf, T)
+            else:
+                xpf = x.ravel()
+            _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res3, has_res, code,
+                         a0, a1, sh, sw, ho, wo, plan.grid, *plan.split, out, ws)
     elif plan.how == "streamed":
         Mp = round_up(M, MR)
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, Mp))
         ncols = round_up(B * P)                              # tiles * NR
-        xpf, cols, resp, tmp = scratch((B * C * Hp * Wp,),        # (B, C, Hp, Wp)
-                                       (T, KC * ncols),          # (T, tiles, KC, NR)
-                                       (T, Mp * ncols),          # (T, tiles, Mp, NR)
-                                       (round_up(N, MR) * ncols,))  # (Np, tiles * NR)
-        _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias, res3,
-                        has_res, code, a0, a1, out, xpf, cols, resp, tmp, T)
+
+        def run(x, res3, out):
+            xpf, cols, resp, tmp = scratch((B * C * Hp * Wp,),        # (B, C, Hp, Wp)
+                                           (T, KC * ncols),          # (T, tiles, KC, NR)
+                                           (T, Mp * ncols),          # (T, tiles, Mp, NR)
+                                           (round_up(N, MR) * ncols,))  # (Np, tiles * NR)
+            _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, bias,
+                            res3, has_res, code, a0, a1, out, xpf, cols, resp, tmp, T)
     elif plan.how == "split_k":
         NY, TX = DIRECT_TILES[plan.split[0]]
         wt = _DERIVED.get(w1, ("direct", 1), lambda: pack_cols(w1m))
         ct = _DERIVED.get(w2, "direct", lambda: pack_cols(w2))
-        xpf, resp, tmp = scratch((B * C * Hp * Wp + (TX - 1) * sw,),  # (B, C, Hp, Wp), margin
-                                 (T, round_up(M) * NY * TX),          # (T, Mq, NY*TX)
-                                 (round_up(N) * NY * TX,))            # (Nq, NY*TX)
-        xpf[B * C * Hp * Wp:] = 0.0
-        _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct, plan.split[0],
-                       bias, res3, has_res, code, a0, a1, out, xpf, resp, tmp, T)
-    elif plan.kn2row:
+
+        def run(x, res3, out):
+            xpf, resp, tmp = scratch((B * C * Hp * Wp + (TX - 1) * sw,),  # (B, C, Hp, Wp), margin
+                                     (T, round_up(M) * NY * TX),          # (T, Mq, NY*TX)
+                                     (round_up(N) * NY * TX,))            # (Nq, NY*TX)
+            xpf[B * C * Hp * Wp:] = 0.0
+            _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct,
+                           plan.split[0], bias, res3, has_res, code, a0, a1, out, xpf, resp, tmp,
+                           T)
+    elif plan.kn2row and plan.how == "image":
         wk = kn2row_weights(w1, groups)
-        if plan.how == "image":
+
+        def run(x, res3, out):
             ws, packs = scratch((T, max(plan.scratch, 1)), (T, plan.pack))
             _kn2row_image(x, wk, w2, bias, res3, has_res, code, a0, a1, kh, kw, dh, dw, pt, pl,
                           ho, wo, groups, plan.split[0], out, ws, packs)
-        else:
+    elif plan.kn2row:
+        wk = kn2row_weights(w1, groups)
+
+        def run(x, res3, out):
             for b0 in range(0, B, plan.split[0]):
                 b1 = min(B, b0 + plan.split[0])
                 nb = b1 - b0
@@ -1424,20 +1439,28 @@ def conv_gemm(x, w1, bias, stride, padding, dilation, groups, ho, wo, w2=None, a
                                 tmp, packs)
     elif plan.how == "image":
         direct = kh == kw == 1 and sh == sw == 1 and not any(padding)
-        ws, packs = scratch((T, max(plan.scratch, 1)), (T, plan.pack))
-        _per_image(x, w1m, w2m, two, bias, res3, has_res, code, a0, a1, kh, kw, sh, sw, dh, dw,
-                   pt, pl, ho, wo, groups, plan.split[0], direct, out, ws, packs)
+
+        def run(x, res3, out):
+            ws, packs = scratch((T, max(plan.scratch, 1)), (T, plan.pack))
+            _per_image(x, w1m, w2m, two, bias, res3, has_res, code, a0, a1, kh, kw, sh, sw, dh,
+                       dw, pt, pl, ho, wo, groups, plan.split[0], direct, out, ws, packs)
     else:
-        for b0 in range(0, B, plan.split[0]):
-            b1 = min(B, b0 + plan.split[0])
-            BP = (b1 - b0) * P
-            cols, s_buf, tmp, packs = scratch((C * kh * kw, BP), (GM, BP) if two else (1, 1),
-                                              (N, BP), (T, plan.pack))
-            _batched(x[b0:b1], w1m, w2m, two, bias, res3[b0:b1] if has_res else res3, has_res,
-                     code, a0, a1, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, groups,
-                     BP < GM, BP < N, out[b0:b1], cols, s_buf, tmp, packs)
-    return residual_then_act(out.reshape(B, N, ho, wo), None if has_res else residual,
-                             None if done else act)
+        def run(x, res3, out):
+            for b0 in range(0, B, plan.split[0]):
+                b1 = min(B, b0 + plan.split[0])
+                BP = (b1 - b0) * P
+                cols, s_buf, tmp, packs = scratch((C * kh * kw, BP), (GM, BP) if two else (1, 1),
+                                                  (N, BP), (T, plan.pack))
+                _batched(x[b0:b1], w1m, w2m, two, bias, res3[b0:b1] if has_res else res3,
+                         has_res, code, a0, a1, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, groups,
+                         BP < GM, BP < N, out[b0:b1], cols, s_buf, tmp, packs)
+
+    def launch(x, residual):
+        out = empty(out_shape)
+        run(x, np.ascontiguousarray(residual).reshape(out_shape) if has_res else _NO_RES, out)
+        return residual_then_act(out.reshape(B, N, ho, wo), residual if add_after else None,
+                                 act_after)
+    return launch
 
 
 @njit(cache=True, parallel=True)
