@@ -63,7 +63,7 @@ im2col of stride-1 'same' convs is one shifted copy per row (`_im2col`). Short i
 the flat arrays with unsigned offsets (np.uintp): without wrap-around checks LLVM vectorizes them
 (signed indices: 7x slower shifted adds), and no view is set up per row (slower on short rows).
 Copies and adds of short rows between two arrays (kn2row's shifted adds, a padded plane's rows,
-the gather's runs) go through explicit vector loads and stores (`_vector_op`, `_run`): LLVM's
+the gather's runs) go through explicit vector loads and stores (`sgemm._vector_op`, `_run`): LLVM's
 own loop ran them scalar below 32 values (its vector body, behind an overlap check), so
 BasisConv VGG-16 at batch 16 was 9% slower.
 
@@ -96,7 +96,7 @@ from numba.np.linalg import ensure_blas
 from ..buffers import empty, scratch
 from .activation import residual_then_act
 from .sgemm import (DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow, _direct_wide,
-                    _micro, pack_cols, pack_rows, pack_size, sgemm)
+                    _micro, _move4, _move8, _run, pack_cols, pack_rows, pack_size, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -600,7 +600,7 @@ def _pack_cols(xpf, colbase, delta, k0, kc, nq, bp, run):
     column's window corner, delta: a row's tap offset. run (8 or 4, else 1): every aligned
     group of that many columns has consecutive corners (stride 1, W' a multiple of it), so a
     row of a whole tile is copied as vectors (value by value it took several times as long,
-    and LLVM kept an unrolled copy of runs scalar: `_vector_op`).
+    and LLVM kept an unrolled copy of runs scalar: `sgemm._vector_op`).
     Unsigned indices (no negative-index wrap), so that the loops vectorize."""
     for t in range(-(-nq // NR)):
         cb = colbase[t * NR:(t + 1) * NR]
@@ -768,60 +768,6 @@ def _claim(typingctx, taken_t, i_t):
         old = builder.atomic_rmw("xchg", cell, ir.Constant(i32, 1), "acq_rel")
         return builder.icmp_signed("==", old, ir.Constant(i32, 0))
     return sig, codegen
-
-
-def _vector_op(lanes, add):
-    """An intrinsic f(dst, od, src, os): dst[od:od + lanes] = src[os:os + lanes], or += when
-    add, as whole-vector loads and a store. The same loop over values stays scalar when short:
-    LLVM vectorizes it only 32 values at a time, behind a run-time check that the two ranges
-    do not overlap."""
-    @intrinsic
-    def op(typingctx, dst_t, od_t, src_t, os_t):
-        sig = types.void(dst_t, types.intp, src_t, types.intp)
-
-        def codegen(context, builder, signature, args):
-            dst, od, src, os_ = args
-            vec = ir.VectorType(ir.FloatType(), lanes).as_pointer()
-
-            def at(arr_t, arr, offset):
-                data = context.make_array(arr_t)(context, builder, arr).data
-                return builder.bitcast(builder.gep(data, [offset]), vec)
-            target = at(dst_t, dst, od)
-            value = builder.load(at(src_t, src, os_), align=4)
-            if add:
-                value = builder.fadd(builder.load(target, align=4), value)
-            builder.store(value, target, align=4)
-            return context.get_dummy_value()
-        return sig, codegen
-    return op
-
-
-_move8, _move4, _add8, _add4 = (_vector_op(8, False), _vector_op(4, False),
-                                _vector_op(8, True), _vector_op(4, True))
-
-
-@njit(inline="always")
-def _run(dst, od, src, os_, n, add):
-    """dst[od:od + n] = src[os_:os_ + n], or += when add: vectors of 8, one of 4, then values
-    (short rows: the shifted adds of kn2row, the rows of a padded plane)."""
-    q = 0
-    while q + 8 <= n:
-        if add:
-            _add8(dst, od + q, src, os_ + q)
-        else:
-            _move8(dst, od + q, src, os_ + q)
-        q += 8
-    if q + 4 <= n:
-        if add:
-            _add4(dst, od + q, src, os_ + q)
-        else:
-            _move4(dst, od + q, src, os_ + q)
-        q += 4
-    for u in range(q, n):
-        if add:
-            dst[np.uintp(od + u)] += src[np.uintp(os_ + u)]
-        else:
-            dst[np.uintp(od + u)] = src[np.uintp(os_ + u)]
 
 
 @njit(inline="always")
