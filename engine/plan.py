@@ -141,8 +141,6 @@ class Plan:
         self.limits = limits or Limits()
         self.shapes = validate(graph, self.limits)      # batch-1 shapes, for inspect/count
         self.steps = _lower(graph, self.shapes)
-        for step in self.steps:
-            OPS[step.node.op].prepare(step.node)
         # what run() executes: per step the op's launch and the names it reads and writes
         self._program = tuple((OPS[st.node.op].launcher(st.node, st.act), tuple(st.node.inputs),
                                st.residual, st.output, st.frees) for st in self.steps)
@@ -230,14 +228,14 @@ def _lower(graph: Graph, shapes: dict) -> list[Step]:
     for n in graph.nodes:
         if n.name in absorbed:
             continue
-        node, act, out, residual = n, None, n.name, None
-        if n.op in ACT_TARGETS:
+        node, act, out, residual = OPS[n.op].lowered(n), None, n.name, None
+        if node.op in ACT_TARGETS:
             nxt = _sole_consumer(out, users, by_name)
             # BN normalises axis 1: foldable when that is the producer's output-channel axis
             # (linear ops write their outputs along the last axis: only rank-2 outputs qualify)
-            if (nxt is not None and nxt.op == "batch_norm" and n.op in BN_FOLDABLE
-                    and (n.op not in LAST_AXIS_OUTPUTS or len(shapes[n.name]) == 2)):
-                node = _fold_bn(node, nxt, BN_FOLDABLE[n.op])
+            if (nxt is not None and nxt.op == "batch_norm" and node.op in BN_FOLDABLE
+                    and (node.op not in LAST_AXIS_OUTPUTS or len(shapes[n.name]) == 2)):
+                node = _fold_bn(node, nxt, BN_FOLDABLE[node.op])
                 absorbed.add(nxt.name)
                 out = nxt.name
                 nxt = _sole_consumer(out, users, by_name)

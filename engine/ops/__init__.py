@@ -56,9 +56,6 @@ class Op:
         """Scratch elements the kernels allocate besides the output (checked against the limits)."""
         return 0
 
-    def prepare(self, node: Node) -> None:
-        """Work done once at load rather than on the first call (e.g. a TT kernel rebuilt)."""
-
     # --- kernels --------------------------------------------------------------------------
     def reference(self, node: Node, *xs: np.ndarray) -> np.ndarray:
         """Plain NumPy definition of the op: the specification the fast kernel is held to."""
@@ -74,6 +71,12 @@ class Op:
         `act` (activation.apply_act), the unfused ops' arithmetic in their order. Ops whose
         kernels apply these in their epilogue override it."""
         return residual_then_act(self.run(node, *xs), residual, act)
+
+    def lowered(self, node: Node) -> Node:
+        """The node a plan runs in this one's place (default: itself), before it fuses
+        neighbours into it: a TT layer run dense becomes the conv2d / linear of its rebuilt
+        kernel."""
+        return node
 
     def launcher(self, node: Node, act: tuple | None):
         """What a plan step calls, launch(xs, residual) -> output: run_fused with the node and

@@ -4,8 +4,8 @@ weight and bias are optional (absent: 1 and 0, as torch's affine=False), so a no
 stores no learnable parameters.
 
 Computed as torch does, x * alpha + beta with per-channel alpha = weight / sqrt(var + eps) and
-beta = bias - mean * alpha. A BN the plan cannot fold into its producer (after a TT conv, a
-pooling, an input) runs as a Numba kernel over planes with a following residual add and
+beta = bias - mean * alpha. A BN the plan cannot fold into its producer (after a contracted TT
+conv, a pooling, an input) runs as a Numba kernel over planes with a following residual add and
 activation fused, in the unfused ops' float32 rounding (TT VGG-16 at batch 16: BN and ReLU as
 NumPy passes took 1.4 + 1.0 ms on each 32x32 layer).
 Cost and counted: other = 1 per output element (x * alpha + beta as one op).

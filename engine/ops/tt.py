@@ -13,7 +13,9 @@ Two ways to run one layer, both counted (MACs per output position: pixel or row)
             C -> C r_0 channels, with the layer's stride / padding / dilation), then one BLAS
             matmul per core; sum_k r_{k-1} r_k (out_1..out_k)(in_k..in_D) MACs.
   dense     rebuild the kernel (once per node, cached) and run conv2d_fast / linear_fast:
-            prod(in) prod(out) MACs.
+            prod(in) prod(out) MACs. A plan runs such a node as that conv2d / linear
+            (`lowered`), so a following BatchNorm folds into the kernel and a residual add and
+            activation go into its epilogue (separate BN steps cost TT VGG-16 6% at batch 1).
 The attribute `strategy` picks the way: "auto" (default; the fewer MACs, dense on a tie),
 "contract" or "dense". `set_strategy(graph, s)` sets it on every TT node: a load option.
 The reference (plain einsum over the chain) is the same for every strategy.
@@ -292,10 +294,13 @@ class _TT(Op):
         return {"strategy": self.strategy(node), "macs_contract": costs["contract"],
                 "macs_dense": costs["dense"]}
 
-    def prepare(self, node):
-        """Run dense: rebuild the kernel at load, so the first call does not pay for it."""
-        if self.strategy(node) == "dense":
-            self.kernel(node)
+    def lowered(self, node):
+        """Run dense: the conv2d / linear of the rebuilt kernel, so that a plan folds a
+        following BatchNorm into it and fuses a residual add and activation as for any conv.
+        The kernel is rebuilt here, not cached: the plan's node holds the only copy."""
+        if self.strategy(node) != "dense":
+            return node
+        return self.dense_node(node, self.dense_kernel(node))
 
     def kernel(self, node) -> np.ndarray:
         """The rebuilt dense kernel of `node`, built once and cached."""
@@ -402,6 +407,12 @@ class TTConv2d(_TT):
         kernel = conv_kernel(self.cores(node), node.attrs["kernel_size"])
         return np.ascontiguousarray(kernel, np.float32)        # (S, C, kh, kw)
 
+    def dense_node(self, node, kernel) -> Node:
+        a = node.attrs
+        attrs = {k: a[k] for k in ("stride", "padding", "dilation", "padding_mode")}
+        weights = {"weight": kernel, **{k: v for k, v in node.weights.items() if k == "bias"}}
+        return Node(node.name, "conv2d", node.inputs, dict(attrs, groups=1), weights)
+
     def run_dense(self, node, x, kernel):
         a = node.attrs
         return conv2d_fast(x, kernel, node.weights.get("bias"), a["stride"], a["padding"],
@@ -453,6 +464,10 @@ class TTLinear(_TT):
 
     def dense_kernel(self, node) -> np.ndarray:
         return np.ascontiguousarray(tt_matrix(self.cores(node)).T, np.float32)  # (out, in)
+
+    def dense_node(self, node, kernel) -> Node:
+        weights = {"weight": kernel, **{k: v for k, v in node.weights.items() if k == "bias"}}
+        return Node(node.name, "linear", node.inputs, {}, weights)
 
     def run_dense(self, node, x, kernel):
         return linear_fast(x, kernel, node.weights.get("bias"))
