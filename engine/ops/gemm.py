@@ -63,8 +63,8 @@ im2col of stride-1 'same' convs is one shifted copy per row (`_im2col`). Short i
 the flat arrays with unsigned offsets (np.uintp): without wrap-around checks LLVM vectorizes them
 (signed indices: 7x slower shifted adds), and no view is set up per row (slower on short rows).
 Copies and adds of short rows between two arrays (kn2row's shifted adds, a padded plane's rows,
-the gather's runs) go through explicit vector loads and stores (`sgemm._vector_op`, `_run`): LLVM's
-own loop ran them scalar below 32 values (its vector body, behind an overlap check), so
+the gather's runs) go through explicit vector loads and stores (`sgemm._vector_op`, `_run`):
+LLVM's own loop ran them scalar below 32 values (its vector body, behind an overlap check), so
 BasisConv VGG-16 at batch 16 was 9% slower.
 
 Each thread takes a contiguous run of every kernel's tasks (images, chunks of columns, blocks of

@@ -23,6 +23,10 @@ that output channels fill the vectors; the tile is transposed in registers (`_tr
 stored channel-major, as the output is laid out. Its grid mode (few filters, first layers) uses
 `_micro` itself: filters broadcast, window corners of the input as the vectors.
 
+`_vector_op` / `_run`: moves and adds of short rows between two arrays as whole vectors (LLVM
+left such loops scalar below 32 values), for B's packing here and ops/gemm.py's gathers, padding
+copies and kn2row's shifted adds.
+
 `sgemm_reference` is the plain NumPy definition the GEMM is tested against (the direct conv is
 tested as a conv, against the reference conv and PyTorch).
 """
