@@ -252,12 +252,12 @@ def test_sgemm_matches_reference(m, n, k, tb):
 
 @pytest.mark.parametrize("add", [False, True])
 def test_vector_runs_copy_and_add_exactly_their_values(add):
-    """gemm._run (vectors of 8 and 4, then values) at every length mod 8, at odd offsets; the
+    """sgemm._run (vectors of 8 and 4, then values) at every length mod 8, at odd offsets; the
     values around the destination run are left alone."""
     src = rand(64, seed=2)
     for n in range(0, 21):
         dst = np.full(40, 3.0, np.float32)
-        gemm._run(dst, 5, src, 7, n, add)
+        sgemm._run(dst, 5, src, 7, n, add)
         want = np.full(40, 3.0, np.float32)
         want[5:5 + n] = (want[5:5 + n] + src[7:7 + n]) if add else src[7:7 + n]
         np.testing.assert_array_equal(dst, want)

@@ -264,11 +264,12 @@ def test_export_and_verify_a_net_with_tt_layers(tmp_path):
         assert sorted(n.op for n in model.graph.nodes if n.op.startswith("tt")) == \
             ["tt_conv2d", "tt_conv2d", "tt_linear"]
         # run dense, the plan runs them as conv2d / linear, with the BatchNorms folded in
-        contracted = sum(OPS[n.op].strategy(n) == "contract" for n in model.graph.nodes
-                         if n.op == "tt_conv2d")
-        assert contracted == (2 if s == "contract" else contracted if s == "auto" else 0)
+        contracted = [n for n in model.graph.nodes
+                      if n.op == "tt_conv2d" and OPS[n.op].strategy(n) == "contract"]
+        if s != "auto":
+            assert len(contracted) == (2 if s == "contract" else 0)
         planned = [st.node.op for st in model.plan.steps]
-        assert planned.count("tt_conv2d") == planned.count("batch_norm") == contracted
+        assert planned.count("tt_conv2d") == planned.count("batch_norm") == len(contracted)
         assert model.verify().ok, model.verify().summary()
         assert rel(model(x.numpy()), want) <= 1e-5
         acts = model.activations(x.numpy(), kernels="reference")

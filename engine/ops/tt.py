@@ -297,7 +297,8 @@ class _TT(Op):
     def lowered(self, node):
         """Run dense: the conv2d / linear of the rebuilt kernel, so that a plan folds a
         following BatchNorm into it and fuses a residual add and activation as for any conv.
-        The kernel is rebuilt here, not cached: the plan's node holds the only copy."""
+        The kernel is rebuilt here, not cached: the plan's node holds it (the op's cache fills
+        only if the node itself runs, for activations)."""
         if self.strategy(node) != "dense":
             return node
         return self.dense_node(node, self.dense_kernel(node))
