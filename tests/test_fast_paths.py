@@ -451,6 +451,30 @@ def test_step_launch_set_up_per_input_shape(op, mode):
             np.testing.assert_array_equal(launch([x], r), impl.run_fused(node, [x], ("relu",), r))
 
 
+@pytest.mark.parametrize("op", ["linear", "max_pool2d", "avg_pool2d", "flatten"])
+def test_other_step_launches_set_up_per_input_shape(op):
+    """As above for the ops whose steps also set up once per shape (the bias in the linear
+    kernel), an activation and residuals included though a plan fuses none into the pools and
+    views."""
+    pool = {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0], "ceil_mode": False}
+    linear = {"weight": rand(6, 8), "bias": rand(6, seed=1)}
+    node = {"linear": Node("l", "linear", ["x"], {}, linear),
+            "max_pool2d": Node("p", "max_pool2d", ["x"], dict(pool, dilation=[1, 1]), {}),
+            "avg_pool2d": Node("p", "avg_pool2d", ["x"], dict(pool, count_include_pad=True), {}),
+            "flatten": Node("f", "flatten", ["x"], {"start_dim": 1, "end_dim": 3}, {})}[op]
+    impl = OPS[op]
+    impl.check_attrs(node)
+    shapes = ([(1, 8), (3, 8), (2, 5, 8), (1, 8)] if op == "linear"
+              else [(1, 6, 4, 4), (3, 6, 8, 6), (1, 6, 4, 4)])
+    for act in (None, ("relu",)):
+        launch = impl.launcher(node, act)
+        for shape in shapes:
+            x = rand(*shape, seed=len(shape))
+            out = impl.infer(node, [shape])
+            for r in (None, rand(*out, seed=3), rand(*(1,) * (len(out) - 1) + out[-1:], seed=4)):
+                np.testing.assert_array_equal(launch([x], r), impl.run_fused(node, [x], act, r))
+
+
 def test_blas_called_by_kernels_is_single_threaded():
     assert gemm.LIMITED_BLAS
     threads = {i["filepath"]: i["num_threads"] for i in threadpool_info()}

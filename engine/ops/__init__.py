@@ -158,6 +158,29 @@ class PerElement(Op):
         return y, Cost(other=y.size)
 
 
+def residual_key(residual):
+    """What a prepared launch depends on of a residual: its (shape, dtype), or None."""
+    return None if residual is None else (residual.shape, residual.dtype)
+
+
+def per_shape(prepare):
+    """A plan step's launch(xs, residual) -> output (Op.launcher) that calls
+    prepare(x_shape, residual's (shape, dtype) or None) once per input shape and residual and
+    then the launch(x, residual) it returned, so that per-shape set-up runs once."""
+    launches = {}
+
+    def launch(xs, residual):
+        x = xs[0]
+        key = (x.shape, residual_key(residual))
+        run = launches.get(key)
+        if run is None:
+            if len(launches) >= 64:
+                launches.clear()
+            run = launches[key] = prepare(*key)
+        return run(x, residual)
+    return launch
+
+
 def load_all() -> None:
     """Import every op family so that OPS is complete."""
     from . import activation, basis, conv, elementwise, linear, norm, pool, shape, tt  # noqa: F401

@@ -23,9 +23,8 @@ Counted: the two stages through the counting conv / linear kernels, their counts
 from __future__ import annotations
 
 from ..graph import Node
-from . import Cost, Op, mismatch, numel, register
-from .conv import (Conv2d, basis_conv2d_fast, check_weight, conv_workspace, gemm_launch,
-                   per_shape)
+from . import Cost, Op, mismatch, numel, per_shape, register
+from .conv import Conv2d, basis_conv2d_fast, check_weight, conv_workspace, gemm_launch
 from .linear import Linear, linear_counted, linear_fast
 from .shape import int_min
 

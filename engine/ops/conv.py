@@ -26,7 +26,7 @@ from numba import njit, prange
 
 from ..buffers import empty
 from ..errors import FormatError
-from . import Cost, Op, attr, mismatch, numel, register
+from . import Cost, Op, attr, mismatch, numel, per_shape, register, residual_key
 from .activation import residual_then_act
 from .gemm import plan_conv, prepare_conv
 from .shape import int_min, ints
@@ -141,7 +141,7 @@ def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode
     N, Cg, kh, kw = weight.shape
     if groups != C:  # GEMM-shaped: im2col + sgemm tasks with a fused epilogue
         return gemm_launch(x.shape, weight, bias, stride, padding, dilation, groups, padding_mode,
-                           act, _residual_key(residual))(x, residual)
+                           act, residual_key(residual))(x, residual)
     ho, wo = conv_out_hw(H, W, kh, kw, stride, padding, dilation)
     xp = pad2d(x, padding, padding_mode)  # (B, C, H + top + bottom, W + left + right)
     out = empty((B, N, ho, wo))                     # (B, N, H', W'), recycled (buffers.py)
@@ -156,30 +156,7 @@ def basis_conv2d_fast(x, basis, combine, bias, stride, padding, dilation, groups
     (grouped 1x1) in the same GEMM tasks (gemm.prepare_conv), then + bias, + residual and `act`
     in its epilogue. Shapes must have passed BasisConv2d.infer."""
     return gemm_launch(x.shape, basis, bias, stride, padding, dilation, groups, padding_mode, act,
-                       _residual_key(residual), combine)(x, residual)
-
-
-def _residual_key(residual):
-    """What a prepared launch depends on of a residual: its (shape, dtype), or None."""
-    return None if residual is None else (residual.shape, residual.dtype)
-
-
-def per_shape(prepare):
-    """A plan step's launch(xs, residual) -> output that calls prepare(x_shape, residual's
-    (shape, dtype) or None) once per input shape and residual and then the launch(x, residual)
-    it returned, so that per-shape set-up runs once."""
-    launches = {}
-
-    def launch(xs, residual):
-        x = xs[0]
-        key = (x.shape, _residual_key(residual))
-        run = launches.get(key)
-        if run is None:
-            if len(launches) >= 64:
-                launches.clear()
-            run = launches[key] = prepare(*key)
-        return run(x, residual)
-    return launch
+                       residual_key(residual), combine)(x, residual)
 
 
 def conv_workspace(x_shape, out_shape, weight_shape, groups, attrs, rank=None) -> int:

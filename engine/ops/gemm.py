@@ -951,6 +951,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
 
 _NO_RES = np.zeros((1, 1, 1), np.float32)
 _NO_W2 = np.zeros((1, 1), np.float32)
+_NO_BIAS = np.zeros(1, np.float32)
 
 
 class _Derived:
@@ -1410,9 +1411,9 @@ def prepare_conv(x_shape, w1, bias, stride, padding, dilation, groups, ho, wo, w
 
 
 @njit(cache=True, parallel=True)
-def _linear(x, w, out, packs):
-    """out (R, O) = x (R, I) @ w (O, I).T, output features split over T slices (packs (T, ...):
-    their sgemm scratch)."""
+def _linear(x, w, bias, has_bias, out, packs):
+    """out (R, O) = x (R, I) @ w (O, I).T (+ bias (O) when has_bias, rounded as NumPy's add),
+    output features split over T slices (packs (T, ...): their sgemm scratch)."""
     R, I = x.shape
     O = w.shape[0]
     T = packs.shape[0]
@@ -1423,20 +1424,35 @@ def _linear(x, w, out, packs):
         n0 = O * s // T
         n1 = O * (s + 1) // T
         _gemm(True, R, n1 - n0, I, xf, 0, I, wf, n0 * I, I, of, n0, O, packs[s])
+        if has_bias:
+            for r in range(R):
+                for o in range(n0, n1):
+                    of[r * O + o] += bias[o]
 
 
 def linear_gemm(x, weight, bias=None, act=None, residual=None):
-    """x (..., in) @ weight (out, in).T + bias, + residual, then activation `act`: the sgemm in
-    Numba tasks (single-threaded BLAS each), the epilogue in NumPy (rows x out values)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = empty((x2.shape[0], weight.shape[0]))        # (rows, out)
-    T = threads() if weight.shape[0] >= 64 * threads() else 1
-    packs, = scratch((T, pack_size(x2.shape[0], -(-weight.shape[0] // T), x2.shape[1])))
-    _linear(x2, np.ascontiguousarray(weight), y, packs)
-    y = y.reshape(x.shape[:-1] + (weight.shape[0],))
-    if bias is not None:
-        y += bias
-    return residual_then_act(y, residual, act)
+    """x (..., in) @ weight (out, in).T + bias, + residual, then activation `act`."""
+    return prepare_linear(x.shape, weight, bias, act)(x, residual)
+
+
+def prepare_linear(x_shape, weight, bias=None, act=None):
+    """linear_gemm set up for one input shape: returns launch(x, residual) -> output, the sgemm
+    in Numba tasks (BLAS below its register tile) with the bias added in them, the residual and
+    activation in NumPy (rows x out values)."""
+    I, O = x_shape[-1], weight.shape[0]
+    R = int(np.prod(x_shape[:-1]))
+    T = threads() if O >= 64 * threads() else 1
+    pack = (T, pack_size(R, -(-O // T), I))
+    w = np.ascontiguousarray(weight)                # (out, in)
+    b = _NO_BIAS if bias is None else bias          # (out)
+    out_shape = tuple(x_shape[:-1]) + (O,)
+
+    def launch(x, residual):
+        y = empty((R, O))                           # (rows, out)
+        packs, = scratch(pack)
+        _linear(np.ascontiguousarray(x).reshape(R, I), w, b, bias is not None, y, packs)
+        return residual_then_act(y.reshape(out_shape), residual, act)
+    return launch
 
 
 # --- basis stage 1 by kn2row: one GEMM over the taps, then shifted adds ---------------------------

@@ -1,8 +1,8 @@
 """linear: y = x @ W.T + b over the last dim of an input of any rank.
 
 Fast path `linear_fast`: gemm.linear_gemm, the sgemm of x viewed as (rows, in) against the
-transposed weight view (no copy) split over Numba tasks, then bias add, fused residual add and
-activation.
+transposed weight view (no copy) split over Numba tasks with the bias add, then the fused
+residual add and activation; a plan step sets it up once per input shape (`launcher`).
 Cost: macs = rows*in*out (rows = product of the leading dims); other = rows*out (the bias add)
 when there is a bias.
 Counted: `linear_counted`, the counting conv kernel on x viewed as (rows, in, 1, 1).
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Cost, Op, mismatch, numel, register
+from . import Cost, Op, mismatch, numel, per_shape, register
 from .conv import check_weight, conv2d_counted
-from .gemm import linear_gemm
+from .gemm import linear_gemm, prepare_linear
 
 
 def linear_fast(x, weight, bias, act=None, residual=None):
@@ -59,6 +59,11 @@ class Linear(Op):
 
     def run_fused(self, node, xs, act=None, residual=None):
         return linear_fast(xs[0], node.weights["weight"], node.weights.get("bias"), act, residual)
+
+    def launcher(self, node, act):
+        """Set up once per input shape (gemm.prepare_linear)."""
+        w, b = node.weights["weight"], node.weights.get("bias")
+        return per_shape(lambda x_shape, residual: prepare_linear(x_shape, w, b, act))
 
     def cost(self, node, in_shapes, out_shape):
         out, inp = node.weights["weight"].shape

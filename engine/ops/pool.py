@@ -18,7 +18,8 @@ from numba import njit, prange
 
 from ..buffers import empty
 from ..errors import FormatError
-from . import Cost, Op, attr, mismatch, numel, register
+from . import Cost, Op, attr, mismatch, numel, per_shape, register
+from .activation import residual_then_act
 from .conv import out_size, pad2d, tap
 from .gemm import threads
 from .shape import check_axis, int_min, ints
@@ -105,7 +106,8 @@ def _tap_span(n_out: int, size: int, k: int, s: int, p: int, d: int) -> tuple[in
 
 
 class _Pool2d(Op):
-    """Shared attributes and output shape of max_pool2d / avg_pool2d (symmetric padding)."""
+    """Shared attributes and output shape of max_pool2d / avg_pool2d (symmetric padding); the
+    subclass's kernel is pool(node, x, geometry)."""
 
     def check_attrs(self, node):
         k = ints(node, "kernel", 1, 2)
@@ -125,6 +127,16 @@ class _Pool2d(Op):
         ho = out_size(H, kh, sh, ph, ph, dh, a["ceil_mode"])
         wo = out_size(W, kw, sw, pw, pw, dw, a["ceil_mode"])
         return ho, wo, kh, kw, sh, sw, ph, pw, dh, dw
+
+    def run(self, node, x):
+        return self.pool(node, x, self.geometry(node, x.shape))
+
+    def launcher(self, node, act):
+        """The geometry worked out once per input shape."""
+        def prepare(x_shape, residual):
+            geometry = self.geometry(node, x_shape)
+            return lambda x, r: residual_then_act(self.pool(node, x, geometry), r, act)
+        return per_shape(prepare)
 
     def infer(self, node, in_shapes):
         x = tuple(in_shapes[0])
@@ -271,8 +283,8 @@ class MaxPool2d(_Pool2d):
         return B * C * (max(H + 2 * ph, (ho - 1) * sh + dh * (kh - 1) + 1)
                         * max(W + 2 * pw, (wo - 1) * sw + dw * (kw - 1) + 1))
 
-    def run(self, node, x):
-        return _run_pool(x, self.geometry(node, x.shape), 0)
+    def pool(self, node, x, geometry):
+        return _run_pool(x, geometry, 0)
 
     def cost(self, node, in_shapes, out_shape):
         B, C, H, W = in_shapes[0]
@@ -359,8 +371,8 @@ class AvgPool2d(_Pool2d):
     def cost(self, node, in_shapes, out_shape):
         return _box_cost(in_shapes[0], *self.box(node, in_shapes[0])[:4])
 
-    def run(self, node, x):
-        return _run_pool(x, self.geometry(node, x.shape), 1, int(node.attrs["count_include_pad"]),
+    def pool(self, node, x, geometry):
+        return _run_pool(x, geometry, 1, int(node.attrs["count_include_pad"]),
                          node.attrs.get("divisor_override") or 0)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from . import Cost, Op, attr, mismatch, numel, register
+from . import Cost, Op, attr, mismatch, numel, per_shape, register
 
 
 def ints(node, key: str, minimum: int, length: int | None = None) -> list[int]:
@@ -48,10 +48,26 @@ class _Move(Op):
         return self.reference(node, *xs), Cost()
 
 
-@register
-class Flatten(_Move):
-    name = "flatten"
+class _Reshaped(_Move):
+    """A view of the input in the shape infer gives (flatten, reshape)."""
     view = True
+
+    def reference(self, node, x):
+        return x.reshape(self.infer(node, [x.shape]))
+
+    def launcher(self, node, act):
+        """The output shape worked out once per input shape."""
+        from .activation import residual_then_act   # here: activation imports this module
+
+        def prepare(x_shape, residual):
+            shape = self.infer(node, [x_shape])
+            return lambda x, r: residual_then_act(x.reshape(shape), r, act)
+        return per_shape(prepare)
+
+
+@register
+class Flatten(_Reshaped):
+    name = "flatten"
 
     def check_attrs(self, node):
         s, e = int_min(node, "start_dim", 0), int_min(node, "end_dim", 0)
@@ -65,14 +81,10 @@ class Flatten(_Move):
         check_axis(node, x, "end_dim", e)
         return x[:s] + (numel(x[s:e + 1]),) + x[e + 1:]
 
-    def reference(self, node, x):
-        return x.reshape(self.infer(node, [x.shape]))
-
 
 @register
-class Reshape(_Move):
+class Reshape(_Reshaped):
     name = "reshape"
-    view = True
 
     def check_attrs(self, node):
         shape = ints(node, "shape", -1)
@@ -96,9 +108,6 @@ class Reshape(_Move):
             raise mismatch(node, f"expected {numel(x)} elements as in input {x}, "
                                  f"got shape {out} ({numel(out)} elements)")
         return tuple(out)
-
-    def reference(self, node, x):
-        return x.reshape(self.infer(node, [x.shape]))
 
 
 @register
