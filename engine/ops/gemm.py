@@ -96,7 +96,7 @@ from numba.np.linalg import ensure_blas
 from ..buffers import empty, scratch
 from .activation import residual_then_act
 from .sgemm import (DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow, _direct_wide,
-                    _micro, _move4, _move8, _run, pack_cols, pack_rows, pack_size, sgemm)
+                    _micro, _run, _vec4, _vec8, pack_cols, pack_rows, pack_size, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -610,10 +610,10 @@ def _pack_cols(xpf, colbase, delta, k0, kc, nq, bp, run):
             o = (t * kc + r) * NR
             if grouped == 8:
                 for j in range(0, NR, 8):
-                    _move8(bp, o + j, xpf, cb[j] + dl)
+                    _vec8(bp, o + j, xpf, cb[j] + dl, False)
             elif grouped == 4:
                 for j in range(0, NR, 4):
-                    _move4(bp, o + j, xpf, cb[j] + dl)
+                    _vec4(bp, o + j, xpf, cb[j] + dl, False)
             else:
                 for l in range(NR):
                     bp[np.uintp(o + l)] = xpf[np.uintp(cb[l] + dl)]

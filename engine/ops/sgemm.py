@@ -242,17 +242,17 @@ def _direct_micro(NY, TX):
     return micro
 
 
-def _vector_op(lanes, add):
-    """An intrinsic f(dst, od, src, os): dst[od:od + lanes] = src[os:os + lanes], or += when
-    add, as whole-vector loads and a store. The same loop over values stays scalar when short:
-    LLVM vectorizes it only 32 values at a time, behind a run-time check that the two ranges
-    do not overlap."""
+def _vector_op(lanes):
+    """An intrinsic f(dst, od, src, os, add): dst[od:od + lanes] = src[os:os + lanes], or +=
+    when add, as whole-vector loads and a store (add a literal at the call sites: LLVM drops
+    the other case). The same loop over values stays scalar when short: LLVM vectorizes it
+    only 32 values at a time, behind a run-time check that the two ranges do not overlap."""
     @intrinsic
-    def op(typingctx, dst_t, od_t, src_t, os_t):
-        sig = types.void(dst_t, types.intp, src_t, types.intp)
+    def op(typingctx, dst_t, od_t, src_t, os_t, add_t):
+        sig = types.void(dst_t, types.intp, src_t, types.intp, types.boolean)
 
         def codegen(context, builder, signature, args):
-            dst, od, src, os_ = args
+            dst, od, src, os_, add = args
             vec = ir.VectorType(ir.FloatType(), lanes).as_pointer()
 
             def at(arr_t, arr, offset):
@@ -260,16 +260,14 @@ def _vector_op(lanes, add):
                 return builder.bitcast(builder.gep(data, [offset]), vec)
             target = at(dst_t, dst, od)
             value = builder.load(at(src_t, src, os_), align=4)
-            if add:
-                value = builder.fadd(builder.load(target, align=4), value)
+            value = builder.select(add, builder.fadd(builder.load(target, align=4), value), value)
             builder.store(value, target, align=4)
             return context.get_dummy_value()
         return sig, codegen
     return op
 
 
-_move8, _move4, _add8, _add4 = (_vector_op(8, False), _vector_op(4, False),
-                                _vector_op(8, True), _vector_op(4, True))
+_vec8, _vec4 = _vector_op(8), _vector_op(4)
 
 
 @njit(inline="always")
@@ -278,22 +276,14 @@ def _run(dst, od, src, os_, n, add):
     (short rows: B's rows packed, the shifted adds of kn2row, the rows of a padded plane)."""
     q = 0
     while q + 8 <= n:
-        if add:
-            _add8(dst, od + q, src, os_ + q)
-        else:
-            _move8(dst, od + q, src, os_ + q)
+        _vec8(dst, od + q, src, os_ + q, add)
         q += 8
     if q + 4 <= n:
-        if add:
-            _add4(dst, od + q, src, os_ + q)
-        else:
-            _move4(dst, od + q, src, os_ + q)
+        _vec4(dst, od + q, src, os_ + q, add)
         q += 4
     for u in range(q, n):
-        if add:
-            dst[np.uintp(od + u)] += src[np.uintp(os_ + u)]
-        else:
-            dst[np.uintp(od + u)] = src[np.uintp(os_ + u)]
+        v = src[np.uintp(os_ + u)]
+        dst[np.uintp(od + u)] = dst[np.uintp(od + u)] + v if add else v
 
 
 # (rows, columns) of the direct conv's two tiles, wide and narrow, and the narrow one's time per
