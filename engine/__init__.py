@@ -17,8 +17,14 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # One thread pool per call, Numba's: the GEMM kernels (ops/gemm.py) call single-threaded BLAS
 # from inside their prange tasks (SciPy's BLAS, which Numba calls, is set to 1 thread when they
 # load), so no OpenBLAS threads spin against Numba's (that made a conv sequence 3.5x slower).
-# OpenMP keeps its default wait policy (spin ~0.3 ms, then sleep): passive waiting cost 15% at
-# batch 1 (VGG-16 BasisConv 1.15 vs 1.32 ms). docs/ARCHITECTURE.md, "Threading".
+# OpenMP's threads spin after a parallel loop before they sleep (passive waiting cost 15% at
+# batch 1), here for 2M iterations (~55 ms on the 2-vCPU KVM machine, as ONNX Runtime's pool
+# spins ~60 ms) instead of libgomp's 300k (~8 ms): a sleeping thread there took 2-8 ms to
+# wake, and a batch-1 BasisConv VGG-16 called every 100 or 500 ms took 6.5 / 4.3 ms, now
+# 3.7 ms (back to back: ~2 ms). Unless the user chose (GOMP_SPINCOUNT, OMP_WAIT_POLICY), and
+# only if libgomp is not loaded yet. docs/ARCHITECTURE.md, "Threading".
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "2000000")
 
 from .errors import EngineError, FormatError, InputError, LimitError, UnsupportedOpError  # noqa: E402
 from .format import Limits  # noqa: E402

@@ -7,7 +7,10 @@ subprocess or spawn, never fork once Numba threads exist (OpenMP does not surviv
 """
 import itertools
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -32,6 +35,18 @@ def test_threading_layer_is_threadsafe():
     if "NUMBA_THREADING_LAYER" not in os.environ:
         assert numba.config.THREADING_LAYER == "threadsafe"
     assert numba.threading_layer() in ("omp", "tbb")
+
+
+@pytest.mark.parametrize("env,want", [({}, "2000000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                      ({"OMP_WAIT_POLICY": "passive"}, None)])
+def test_openmp_spin_default_respects_the_user(env, want):
+    """Importing the engine makes OpenMP's threads spin longer before they sleep (their wake-up
+    made sporadic calls slow), unless the user set how OpenMP waits."""
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, engine; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == str(want)
 
 
 def _tt_kernels(model):
