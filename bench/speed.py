@@ -18,8 +18,10 @@ one warm-up call then N timed calls, with a pause between runtimes so that spinn
 (ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls (and the min). Before
 and after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's BLAS, 2 threads); each
 result is also given as effective GFLOP/s (2 x the engine-counted MACs x batch / time) and as a
-fraction of that SGEMM rate. Cold start: a fresh interpreter to the first output of the BasisConv
-VGG-16 file, with Numba's on-disk cache warm and cold (NUMBA_CACHE_DIR: an empty directory).
+fraction of that SGEMM rate. At batch 1 also a sporadic caller's latency: engine and ORT calls
+alternated, each after IDLE_GAP s of sleep (thread pools as idle as that leaves them). Cold
+start: a fresh interpreter to the first output of the BasisConv VGG-16 file, with Numba's
+on-disk cache warm and cold (NUMBA_CACHE_DIR: an empty directory).
 
 The machine is shared: --max-load waits (up to --wait seconds) for the 1-minute load average to
 drop below it before timing, and the load is recorded with the results.
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 HEADING = "## Speed"
 THREADS = 2
+IDLE_GAP = 0.1   # s of sleep before each batch-1 call of the sporadic-caller measure
 MODEL_NAMES = ["vgg16-dense", "vgg16-basis", "vgg16-tt", "resnet18-dense", "resnet18-basis"]
 EXPORTS = "v2"   # part of the cached exports' names: bumped when the converters' output changes
                  # (v2: zero padding inside the conv, no ONNX Pad node per basis / TT conv)
@@ -113,6 +116,21 @@ def interleaved(fns: dict, calls: int, rounds: int, pause: float = 0.25) -> dict
     return times
 
 
+def after_idle(fns: dict, calls: int = 20, gap: float = IDLE_GAP) -> dict:
+    """{name: median seconds} of calls each made after `gap` s of sleep, the runtimes alternated:
+    a sporadic caller's latency, with each thread pool as idle as that leaves it (asleep, or
+    still spinning)."""
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(calls):
+        for k in names if r % 2 == 0 else names[::-1]:
+            time.sleep(gap)
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(ts) for k, ts in times.items()}
+
+
 def wait_for_load(max_load: float, wait: float) -> float:
     """Poll the 1-minute load average until below max_load or `wait` s pass; returns it."""
     t0 = time.time()
@@ -177,10 +195,10 @@ def _layer() -> str:
 
 
 def run(args) -> dict:
+    import engine   # first: torch loads its own libgomp.so.1, which Numba's OpenMP would then
+    # share, so the engine's OpenMP setting (GOMP_SPINCOUNT, engine/__init__.py) must come first
     import onnxruntime as ort
     import torch
-
-    import engine
     torch.set_num_threads(THREADS)
     import numba
     numba.set_num_threads(THREADS)
@@ -227,6 +245,11 @@ def run(args) -> dict:
             # shared machine) cancel in these where they outlast a round (a second or two)
             row["vs_ort_rounds"] = sorted(o / e for o, e in zip(row["onnxruntime"]["rounds"],
                                                                  row["engine"]["rounds"]))
+            if B == 1:
+                row["idle"] = after_idle({k: fns[k] for k in ("engine", "onnxruntime")})
+                print(f"{name:15s} B=1   after {IDLE_GAP * 1e3:.0f} ms idle: engine "
+                      f"{row['idle']['engine'] * 1e3:.2f} ms  ORT "
+                      f"{row['idle']['onnxruntime'] * 1e3:.2f} ms", flush=True)
             res["rows"].append(row)
             e, o, p = row["engine"], row["onnxruntime"], row["pytorch"]
             lo, hi = row["vs_ort_rounds"][0], row["vs_ort_rounds"][-1]
@@ -304,6 +327,15 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
                             f"| {net} {variant} | {B} | {red:.2f}x | {s['engine']:.2f}x "
                             f"({s['engine'] / red:.2f} of the MAC reduction) | {s['onnxruntime']:.2f}x | "
                             f"{s['pytorch']:.2f}x |")
+        idle = [r for r in res["rows"] if "idle" in r]
+        if idle:
+            lines += ["", f"Batch 1 for a sporadic caller: each call after {IDLE_GAP * 1e3:.0f} ms "
+                      "of sleep, the engine and ORT alternated, 20 calls each (the table above "
+                      "times calls back to back). Medians:", "",
+                      "| model | engine ms | ORT ms | engine vs ORT |", "|---|---|---|---|"]
+            lines += [f"| {r['model']} | {r['idle']['engine'] * 1e3:.2f} | "
+                      f"{r['idle']['onnxruntime'] * 1e3:.2f} | "
+                      f"{r['idle']['onnxruntime'] / r['idle']['engine']:.2f}x |" for r in idle]
         if speedups:
             lines += ["", "Compressed vs dense, time speedup per runtime:", "",
                       "| model | batch | MAC reduction | engine | ORT | PyTorch |", "|---|---|---|---|---|---|",
