@@ -70,7 +70,8 @@ BasisConv VGG-16 at batch 16 was 9% slower.
 Each thread takes a contiguous run of every kernel's tasks (images, chunks of columns, blocks of
 rows), so that it reads mostly what it wrote in the layer before: touching data the other core
 wrote costs far more here (dealt round-robin, BasisConv VGG-16 and ResNet-18 at batch 16 were
-6% slower).
+6% slower). A thread done with its run takes the others' last tasks (`_take`), so that a core
+slowed by the machine holds the call up less.
 Work is cut by shapes and the start-up thread count (`threads()`), never by the threads a call
 gets, so results are bit-identical under numba.set_num_threads (dataset runs rely on it).
 
@@ -265,8 +266,8 @@ def _per_image(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, 
     """Conv (two=False: w1 (N, K)) or basis conv (two=True: w1 (G*M, K) basis, w2 (N, M)
     combine) of x (B, C, H, W) into out (B, N, H'*W'), K = C/G*kh*kw. Task (b, s) = image b,
     output rows [H' s / nsplit, H' (s+1) / nsplit); each row of ws (one per thread: im2col
-    columns, then the basis responses) takes a contiguous run of tasks, packs[t] its sgemm
-    scratch. direct: 1x1, stride 1, no padding: the image is its own column matrix."""
+    columns, then the basis responses) takes a contiguous run of tasks, then the others' last
+    ones (_take), packs[t] its sgemm scratch. direct: 1x1, stride 1, no padding: the image is its own column matrix."""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     Cg = C // groups
@@ -390,7 +391,7 @@ def _steps(n, step):
 
 @njit(cache=True)
 def _unclaimed(units):
-    """_conv_direct's claim flags, all clear (out of the kernel for the reason of _steps)."""
+    """A kernel's claim flags (_take), all clear (out of the kernel for the reason of _steps)."""
     return np.zeros(units, np.int32)
 
 
@@ -677,7 +678,7 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
     NR consecutive values; the Wp - W' columns past each output row are computed and dropped).
     Task (chunk, part): nch columns (not crossing images when grid), output row panels
     [part/parts, (part+1)/parts) of all; contiguous runs of tasks to the rows of ws (one per
-    thread): B panels (KC*nch, gather only) | basis responses (Mp*nch, two only) | C chunk
+    thread; then the others' last ones, _take): B panels (KC*nch, gather only) | basis responses (Mp*nch, two only) | C chunk
     (Np*nch)."""
     N, P = out.shape[1], out.shape[2]
     B = out.shape[0]
