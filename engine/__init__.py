@@ -21,7 +21,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # batch 1), here for 2M iterations (~55 ms on the 2-vCPU KVM machine, as ONNX Runtime's pool
 # spins ~60 ms) instead of libgomp's 300k (~8 ms): a sleeping thread there took 2-8 ms to
 # wake, and a batch-1 BasisConv VGG-16 called every 100 or 500 ms took 6.5 / 4.3 ms, now
-# 3.7 ms (back to back: ~2 ms). Unless the user chose (GOMP_SPINCOUNT, OMP_WAIT_POLICY), and
+# 3.3-3.7 ms (back to back: ~2 ms). Unless the user chose (GOMP_SPINCOUNT, OMP_WAIT_POLICY), and
 # only if libgomp is not loaded yet. docs/ARCHITECTURE.md, "Threading".
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "2000000")

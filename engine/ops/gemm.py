@@ -267,7 +267,8 @@ def _per_image(x, w1, w2, two, bias, res, has_res, act, a0, a1, kh, kw, sh, sw, 
     combine) of x (B, C, H, W) into out (B, N, H'*W'), K = C/G*kh*kw. Task (b, s) = image b,
     output rows [H' s / nsplit, H' (s+1) / nsplit); each row of ws (one per thread: im2col
     columns, then the basis responses) takes a contiguous run of tasks, then the others' last
-    ones (_take), packs[t] its sgemm scratch. direct: 1x1, stride 1, no padding: the image is its own column matrix."""
+    ones (_take), packs[t] its sgemm scratch. direct: 1x1, stride 1, no padding: the image is
+    its own column matrix."""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     Cg = C // groups
@@ -678,8 +679,8 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
     NR consecutive values; the Wp - W' columns past each output row are computed and dropped).
     Task (chunk, part): nch columns (not crossing images when grid), output row panels
     [part/parts, (part+1)/parts) of all; contiguous runs of tasks to the rows of ws (one per
-    thread; then the others' last ones, _take): B panels (KC*nch, gather only) | basis responses (Mp*nch, two only) | C chunk
-    (Np*nch)."""
+    thread; then the others' last ones, _take): B panels (KC*nch, gather only) | basis
+    responses (Mp*nch, two only) | C chunk (Np*nch)."""
     N, P = out.shape[1], out.shape[2]
     B = out.shape[0]
     K = C * kh * kw
