@@ -181,6 +181,15 @@ def per_shape(prepare):
     return launch
 
 
+def per_shape_then_act(setup, apply, act):
+    """per_shape for ops with no epilogue of their own (pooling, views): setup(x_shape) once
+    per input shape, then residual_then_act(apply(x, what setup returned), residual, act)."""
+    def prepare(x_shape, residual):
+        done = setup(x_shape)
+        return lambda x, r: residual_then_act(apply(x, done), r, act)
+    return per_shape(prepare)
+
+
 def load_all() -> None:
     """Import every op family so that OPS is complete."""
     from . import activation, basis, conv, elementwise, linear, norm, pool, shape, tt  # noqa: F401

@@ -18,8 +18,7 @@ from numba import njit, prange
 
 from ..buffers import empty
 from ..errors import FormatError
-from . import Cost, Op, attr, mismatch, numel, per_shape, register
-from .activation import residual_then_act
+from . import Cost, Op, attr, mismatch, numel, per_shape_then_act, register
 from .conv import out_size, pad2d, tap
 from .gemm import threads
 from .shape import check_axis, int_min, ints
@@ -133,10 +132,8 @@ class _Pool2d(Op):
 
     def launcher(self, node, act):
         """The geometry worked out once per input shape."""
-        def prepare(x_shape, residual):
-            geometry = self.geometry(node, x_shape)
-            return lambda x, r: residual_then_act(self.pool(node, x, geometry), r, act)
-        return per_shape(prepare)
+        return per_shape_then_act(lambda x_shape: self.geometry(node, x_shape),
+                                  lambda x, geometry: self.pool(node, x, geometry), act)
 
     def infer(self, node, in_shapes):
         x = tuple(in_shapes[0])

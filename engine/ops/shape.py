@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from . import Cost, Op, attr, mismatch, numel, per_shape, register
+from . import Cost, Op, attr, mismatch, numel, per_shape_then_act, register
 
 
 def ints(node, key: str, minimum: int, length: int | None = None) -> list[int]:
@@ -57,12 +57,8 @@ class _Reshaped(_Move):
 
     def launcher(self, node, act):
         """The output shape worked out once per input shape."""
-        from .activation import residual_then_act   # here: activation imports this module
-
-        def prepare(x_shape, residual):
-            shape = self.infer(node, [x_shape])
-            return lambda x, r: residual_then_act(x.reshape(shape), r, act)
-        return per_shape(prepare)
+        return per_shape_then_act(lambda x_shape: self.infer(node, [x_shape]),
+                                  lambda x, shape: x.reshape(shape), act)
 
 
 @register
