@@ -68,6 +68,7 @@ CASES = [
     (2, 40, 64, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # direct, weight-bound
     (3, 30, 50, 13, 17, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),   # packed gather, strided
     (1, 64, 64, 12, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # direct, wide tiles
+    (2, 16, 32, 10, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # ... each panel read by many
     (1, 128, 64, 32, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),  # direct, bands of an image
     (2, 64, 32, 8, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),     # direct, x read in place
     (1, 64, 96, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # direct, panels split
@@ -198,6 +199,9 @@ def test_cases_cover_every_conv_path():
                          ("direct", "copy", copy), ("direct", "bands", per_block < ho),
                          ("direct", "stride", stride != (1, 1)), ("direct", "basis", bool(M)),
                          ("direct", "channel block", cb)}
+                if not grid1:
+                    seen.add(("direct", ("wide", "narrow")[narrow], "streamed",
+                              gemm._streamed(narrow, per_block, wo)))
                 if grid1:
                     seen.add(("direct", "grid1" if M else "grid conv", "images" if per_block > ho
                               else "bands" if per_block < ho else "image"))
@@ -221,6 +225,7 @@ def test_cases_cover_every_conv_path():
             ("direct", "wide"), ("direct", "narrow"), ("direct", "parts", True),
             ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True),
             ("direct", "basis", True), ("direct", "channel block", 1),
+            *{("direct", tile, "streamed", s) for tile in ("wide", "narrow") for s in (0, 1)},
             ("direct", "channel block", gemm.CHANNEL_BLOCK), ("direct", "grid1", "images"),
             ("direct", "grid1", "bands"), ("direct", "grid1", "image"),
             ("direct", "grid conv", "bands"), ("direct", "grid conv", "image")} <= seen

@@ -96,8 +96,9 @@ from numba.np.linalg import ensure_blas
 
 from ..buffers import empty, scratch
 from .activation import residual_then_act
-from .sgemm import (DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow, _direct_wide,
-                    _micro, _run, _vec4, _vec8, pack_cols, pack_rows, pack_size, sgemm)
+from .sgemm import (DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow,
+                    _direct_narrow_streamed, _direct_wide, _direct_wide_streamed, _micro, _run,
+                    _vec4, _vec8, pack_cols, pack_rows, pack_size, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -109,6 +110,7 @@ DIRECT_WASTE = 1.25          # most outputs computed per output for the direct c
 DIRECT_MIN_K = 64            # fewest im2col rows (C*kh*kw) for the direct conv
 DIRECT_STREAMED = 64         # direct conv whatever its waste up to this many outputs per channel
 DIRECT_BLOCK_VALUES = 1 << 17  # input values a direct conv block reads (512 KB: half of L2)
+STREAMED_PANEL_TILES = 16    # direct tiles reading a weight panel per block up to which it streams
 CHANNEL_BLOCK = 8            # channels the direct conv's copied input interleaves (_pad_planes)
 BLOCKED_PLANE = 256          # ... when its padded planes have at least this many values
 ACT_CODES = {"relu": 1, "clip": 2, "leaky_relu": 3}
@@ -551,12 +553,12 @@ def _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct, na
         _pad_channels(x, c0, c1, pt, pl, Hp, Wp, xpf)
         k0, k1 = c0 * kh * kw, c1 * kh * kw
         for pb in range(wt.size // (K * NR)):
-            _direct_row(narrow, k1 - k0, xpf, sw, koff[k0:], roff, wt, (pb * K + k0) * NR,
+            _direct_row(narrow, True, k1 - k0, xpf, sw, koff[k0:], roff, wt, (pb * K + k0) * NR,
                         resp[t], pb * NR * ld, ld, TX, TX)
     for t in prange(T):
         summed = _sum_partials(resp, M * ld)       # (Mq, NY*TX)
         for panel in range(panels * t // T, panels * (t + 1) // T):
-            _direct_row(narrow, M, summed, 1, koff1, roff1, ct, panel * M * NR, tmp,
+            _direct_row(narrow, True, M, summed, 1, koff1, roff1, ct, panel * M * NR, tmp,
                         panel * NR * ld, ld, TX, TX)
             for n in range(panel * NR, min(N, panel * NR + NR)):
                 for y in range(B * ho):
@@ -806,13 +808,25 @@ def _unit(t, T, units, i):
 
 
 @njit(cache=True)
-def _direct_row(narrow, k, src, xs, koff, roff, w, ow, c, oc, ldj, ldc, ld):
+def _streamed(narrow, per_block, wo):
+    """Whether the direct conv's weight panels stream (its tiles prefetch them): a block of
+    per_block output rows of W' columns reads each by at most STREAMED_PANEL_TILES tiles."""
+    NY, TX = DIRECT_TILES[narrow]
+    return -(-per_block // NY) * -(-wo // TX) <= STREAMED_PANEL_TILES
+
+
+@njit(cache=True)
+def _direct_row(narrow, streamed, k, src, xs, koff, roff, w, ow, c, oc, ldj, ldc, ld):
     """A row of register tiles across ld output columns: c[oc + j*ldj + y*ldc + x] = sum_p
     src[koff[p] + roff[y] + x*xs] * w[ow + p*NR + j] (the direct micro-kernel every TX
-    columns; xs: the input's step between columns)."""
+    columns; xs: the input's step between columns; streamed: see _direct_micro)."""
     for x0 in range(0, ld, DIRECT_TILES[narrow][1]):
-        if narrow:
+        if narrow and streamed:
+            _direct_narrow_streamed(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+        elif narrow:
             _direct_narrow(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+        elif streamed:
+            _direct_wide_streamed(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
         else:
             _direct_wide(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
 
@@ -843,13 +857,14 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     """Conv (two False: wt = pack_cols(blocked_k(weight (N, K), cb, kh*kw))) or basis conv
     (two True: wt = the same of basis (M, K), ct = pack_cols(combine (N, M))) of x (B, C, H, W),
     K = C*kh*kw, zero padding top pt and left pl to planes of Hq x Wq per stride phase, into
-    out (B, N, H'*W'). Tiles: DIRECT_TILES[narrow]. Work units: a block of output rows
-    (per_block rows: whole images when >= H', else a band of one image) by one of `parts`
-    ranges of the NR-channel output panels (parts > 1 only when there are fewer blocks than
-    threads), dealt to the threads in contiguous runs of blocks, so that a thread reads the
-    images that it wrote in the layer before; a thread done with its run takes the last units
-    of the others (_unit, _claim). A unit copies its block's input rows (_pad_planes; cb
-    channels interleaved) into its thread's scratch, or reads x itself (copy False: stride 1,
+    out (B, N, H'*W'). Tiles: DIRECT_TILES[narrow], prefetching the weights where a block's
+    tiles read each panel at most STREAMED_PANEL_TILES times (_direct_micro). Work units: a
+    block of output rows (per_block rows: whole images when >= H', else a band of one image) by
+    one of `parts` ranges of the NR-channel output panels (parts > 1 only when there are fewer
+    blocks than threads), dealt to the threads in contiguous runs of blocks, so that a thread
+    reads the images that it wrote in the layer before; a thread done with its run takes the
+    last units of the others (_unit, _claim). A unit copies its block's input rows (_pad_planes;
+    cb channels interleaved) into its thread's scratch, or reads x itself (copy False: stride 1,
     unpadded, W' a multiple of TX). A basis conv first writes the block's basis responses
     (Mp, RB, ld), then combines them by the same micro-kernel (a 1x1 conv of M channels over
     them). grid1 (stride 1, copy): the responses by the GEMM micro-kernel instead (wt =
@@ -872,6 +887,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     # (the combine's panels are M rows deep)
     ld = -(-wo // TX) * TX
     RB = -(-per_block // NY) * NY
+    streamed = _streamed(narrow, per_block, wo)
     rows = B * ho
     halo = (kh - 1) * dh // sh          # phase-plane rows a window reaches below its corner
     bands = -(-ho // per_block)         # blocks per image, when bands
@@ -929,7 +945,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                         for y in range(NY):
                             q = min(r + y, r1 - 1)
                             roff[y] = (q // ho - b0) * image + (q % ho - u0) * Wq * cb
-                        _direct_row(narrow, K, xb, cb, koff, roff, wt, pb * K * NR, s1,
+                        _direct_row(narrow, streamed, K, xb, cb, koff, roff, wt, pb * K * NR, s1,
                                     (pb * NR * RB + r - r0) * ld, RB * ld, ld, ld)
             if grid1:                    # MR output channels at a time over the grid: a
                 for s in range(-(-N // MR)):     # conv's responses, or their combine in stage
@@ -952,11 +968,11 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                         roff[y] = (q // ho - b0) * image + (q % ho - u0) * Wq * cb
                         roff1[y] = (q - r0) * ld
                     if two:
-                        _direct_row(narrow, M, s1, 1, koff1, roff1, ct, panel * M * NR, stage, 0,
-                                    NY * ld, ld, ld)
+                        _direct_row(narrow, streamed, M, s1, 1, koff1, roff1, ct, panel * M * NR,
+                                    stage, 0, NY * ld, ld, ld)
                     else:
-                        _direct_row(narrow, K, xb, cb, koff, roff, wt, panel * K * NR, stage, 0,
-                                    NY * ld, ld, ld)
+                        _direct_row(narrow, streamed, K, xb, cb, koff, roff, wt, panel * K * NR,
+                                    stage, 0, NY * ld, ld, ld)
                     ny = min(NY, r1 - r)
                     for j in range(min(NR, N - panel * NR)):
                         n = panel * NR + j

@@ -61,7 +61,7 @@ MR = 12 if VW == 16 else 6      # register tile rows: 2*MR accumulators (32 / 16
 KC = 256                        # rows of B per packed block: one B micro-panel (KC, NR) in L1
 MC = 120                        # rows of A per packed block (MC, KC) in L2
 NC = 2048                       # columns of B per packed block
-PREFETCH_ROWS = 64              # direct conv: weight rows prefetched ahead
+PREFETCH_ROWS = 64              # direct conv: weight rows prefetched ahead, when they stream
 
 
 def _tile_loop(context, builder, k, n, lanes, rows):
@@ -189,14 +189,22 @@ def _transposed(builder, vecs):
             for j in range(VW)]
 
 
-def _direct_micro(NY, TX):
+def _direct_micro(NY, TX, streamed):
     """The direct conv's register tile of NY output rows x TX adjacent output columns by NR
     output channels (NY*TX = MR positions at TX = 4 with AVX-512) as an intrinsic:
     c[oc + j*ldj + y*ldc + x] = sum_p x[ox + koff[p] + roff[y] + x*xs] * w[ow + p*NR + j] for
     y < NY, x < TX, j < NR, p < k: the input read in place (roff: each row's window corner,
     koff: each tap's offset, xs: the step between columns), weights from an NR-wide panel, and
     the tile written channel-major (TX adjacent values per channel and row), as the output is
-    laid out."""
+    laid out. streamed: the panel is read by few tiles, from memory; the tile prefetches it
+    PREFETCH_ROWS rows ahead (dense VGG-16's 4x4 and 2x2 layers at batch 1 took 1.04-1.13x as
+    long without). Where the panel stays in L2 for many tiles, the prefetch is one more
+    instruction a tap for nothing.
+    Instructions per FMA count here: in the machine's slow phases (a busy sibling hyperthread,
+    it seems) a kernel with more of them slows more (3x3 layers at 32x32 and 16x16, one core:
+    1.45x against ONNX Runtime's 1.12x). Without the prefetch and with the offsets below, 23
+    instructions a tap instead of 27 for 12 FMAs: 0.96-0.97 of the time in fast phases,
+    0.88-0.89 in slow ones."""
     @intrinsic
     def micro(typingctx, k_t, x_t, ox_t, xs_t, koff_t, roff_t, w_t, ow_t, c_t, oc_t, ldj_t, ldc_t):
         sig = types.void(types.intp, x_t, types.intp, types.intp, koff_t, roff_t, w_t, types.intp,
@@ -208,12 +216,17 @@ def _direct_micro(NY, TX):
             xp, wp, cp = ptr(x_t, x, ox), ptr(w_t, w, ow), ptr(c_t, c, oc)
             kp, rp = ptr(koff_t, koff, const(0)), ptr(roff_t, roff, const(0))
             corners = [builder.load(builder.gep(rp, [const(y)])) for y in range(NY)]
-            steps = [builder.mul(const(u), xs) for u in range(TX)]
+            # each position's offset from a tap, in a register of its own before the loop (made
+            # opaque: LLVM would split it again into the row's and the column's, and add them
+            # for every load: 3 more instructions a tap)
+            opaque = ir.FunctionType(corners[0].type, [corners[0].type])
+            offsets = [builder.asm(opaque, "", "=r,0", [builder.add(corner,
+                                                                    builder.mul(const(u), xs))],
+                                   False) for corner in corners for u in range(TX)]
 
             def lanes(p):
                 tap = builder.gep(xp, [builder.load(builder.gep(kp, [p]))])
-                starts = [builder.gep(tap, [corner]) for corner in corners]
-                return [builder.load(builder.gep(r, [steps[u]])) for r in starts for u in range(TX)]
+                return [builder.load(builder.gep(tap, [offset])) for offset in offsets]
 
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
@@ -223,7 +236,7 @@ def _direct_micro(NY, TX):
 
             def rows(p):
                 row = builder.gep(wp, [builder.mul(p, const(NR))])
-                for line in range(0, NR, 16):      # the panel streams from memory: ask ahead
+                for line in range(0, NR if streamed else 0, 16):
                     ahead = builder.gep(row, [const(PREFETCH_ROWS * NR + line)])
                     builder.call(prefetch, [builder.bitcast(ahead, i8p), ir.Constant(i32, 0),
                                             ir.Constant(i32, 2), ir.Constant(i32, 1)])
@@ -293,8 +306,8 @@ def _run(dst, od, src, os_, n, add):
 # not hide the FMA latency, and the 3 x 2 ran 7-25% faster on AVX2, Zen 3)
 DIRECT_TILES, DIRECT_NARROW_COST = ((((3, 4), (4, 2)), 1.03) if MR == 12
                                    else (((1, 4), (3, 2)), 0.88))
-_direct_wide = _direct_micro(*DIRECT_TILES[0])
-_direct_narrow = _direct_micro(*DIRECT_TILES[1])
+_direct_wide, _direct_wide_streamed = (_direct_micro(*DIRECT_TILES[0], s) for s in (0, 1))
+_direct_narrow, _direct_narrow_streamed = (_direct_micro(*DIRECT_TILES[1], s) for s in (0, 1))
 
 
 @njit(cache=True)
