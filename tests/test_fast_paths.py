@@ -69,6 +69,7 @@ CASES = [
     (3, 30, 50, 13, 17, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),   # packed gather, strided
     (1, 64, 64, 12, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # direct, wide tiles
     (2, 16, 32, 10, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # ... each panel read by many
+    (2, 16, 32, 10, 20, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # ... channel-blocked
     (1, 128, 64, 32, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),  # direct, bands of an image
     (2, 64, 32, 8, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),     # direct, x read in place
     (1, 64, 96, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # direct, panels split
@@ -199,9 +200,10 @@ def test_cases_cover_every_conv_path():
                          ("direct", "copy", copy), ("direct", "bands", per_block < ho),
                          ("direct", "stride", stride != (1, 1)), ("direct", "basis", bool(M)),
                          ("direct", "channel block", cb)}
-                if not grid1:
-                    seen.add(("direct", ("wide", "narrow")[narrow], "streamed",
-                              gemm._streamed(narrow, per_block, wo)))
+                if not grid1:           # the tile's kernel (_direct_row)
+                    seen.add(("direct", ("wide", "narrow")[narrow],
+                              "streamed" if gemm._streamed(narrow, per_block, wo)
+                              else "grouped" if cb == gemm.CHANNEL_BLOCK else "plain"))
                 if grid1:
                     seen.add(("direct", "grid1" if M else "grid conv", "images" if per_block > ho
                               else "bands" if per_block < ho else "image"))
@@ -225,7 +227,8 @@ def test_cases_cover_every_conv_path():
             ("direct", "wide"), ("direct", "narrow"), ("direct", "parts", True),
             ("direct", "copy", False), ("direct", "bands", True), ("direct", "stride", True),
             ("direct", "basis", True), ("direct", "channel block", 1),
-            *{("direct", tile, "streamed", s) for tile in ("wide", "narrow") for s in (0, 1)},
+            *{("direct", tile, kind) for tile in ("wide", "narrow")
+              for kind in ("plain", "streamed", "grouped")},
             ("direct", "channel block", gemm.CHANNEL_BLOCK), ("direct", "grid1", "images"),
             ("direct", "grid1", "bands"), ("direct", "grid1", "image"),
             ("direct", "grid conv", "bands"), ("direct", "grid conv", "image")} <= seen

@@ -96,8 +96,8 @@ from numba.np.linalg import ensure_blas
 
 from ..buffers import empty, scratch
 from .activation import residual_then_act
-from .sgemm import (DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow,
-                    _direct_narrow_streamed, _direct_wide, _direct_wide_streamed, _micro, _run,
+from .sgemm import (CHANNEL_BLOCK, DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow,
+                    _direct_narrow_grouped, _direct_narrow_streamed, _direct_wide, _direct_wide_grouped, _direct_wide_streamed, _micro, _run,
                     _vec4, _vec8, pack_cols, pack_rows, pack_size, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
@@ -111,7 +111,6 @@ DIRECT_MIN_K = 64            # fewest im2col rows (C*kh*kw) for the direct conv
 DIRECT_STREAMED = 64         # direct conv whatever its waste up to this many outputs per channel
 DIRECT_BLOCK_VALUES = 1 << 17  # input values a direct conv block reads (512 KB: half of L2)
 STREAMED_PANEL_TILES = 16    # direct tiles reading a weight panel per block up to which it streams
-CHANNEL_BLOCK = 8            # channels the direct conv's copied input interleaves (_pad_planes)
 BLOCKED_PLANE = 256          # ... when its padded planes have at least this many values
 ACT_CODES = {"relu": 1, "clip": 2, "leaky_relu": 3}
 
@@ -553,13 +552,13 @@ def _basis_split_k(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wt, ct, na
         _pad_channels(x, c0, c1, pt, pl, Hp, Wp, xpf)
         k0, k1 = c0 * kh * kw, c1 * kh * kw
         for pb in range(wt.size // (K * NR)):
-            _direct_row(narrow, True, k1 - k0, xpf, sw, koff[k0:], roff, wt, (pb * K + k0) * NR,
-                        resp[t], pb * NR * ld, ld, TX, TX)
+            _direct_row(narrow, True, False, k1 - k0, xpf, sw, koff[k0:], roff, wt,
+                        (pb * K + k0) * NR, resp[t], pb * NR * ld, ld, TX, TX)
     for t in prange(T):
         summed = _sum_partials(resp, M * ld)       # (Mq, NY*TX)
         for panel in range(panels * t // T, panels * (t + 1) // T):
-            _direct_row(narrow, True, M, summed, 1, koff1, roff1, ct, panel * M * NR, tmp,
-                        panel * NR * ld, ld, TX, TX)
+            _direct_row(narrow, True, False, M, summed, 1, koff1, roff1, ct, panel * M * NR,
+                        tmp, panel * NR * ld, ld, TX, TX)
             for n in range(panel * NR, min(N, panel * NR + NR)):
                 for y in range(B * ho):
                     o = (y // ho * N + n) * P + y % ho * wo
@@ -816,19 +815,26 @@ def _streamed(narrow, per_block, wo):
 
 
 @njit(cache=True)
-def _direct_row(narrow, streamed, k, src, xs, koff, roff, w, ow, c, oc, ldj, ldc, ld):
+def _direct_row(narrow, streamed, grouped, k, src, xs, koff, roff, w, ow, c, oc, ldj, ldc, ld):
     """A row of register tiles across ld output columns: c[oc + j*ldj + y*ldc + x] = sum_p
     src[koff[p] + roff[y] + x*xs] * w[ow + p*NR + j] (the direct micro-kernel every TX
-    columns; xs: the input's step between columns; streamed: see _direct_micro)."""
+    columns; xs: the input's step between columns). streamed: the tiles prefetch the weights;
+    grouped: koff's taps come in runs of CHANNEL_BLOCK adjacent values (_direct_micro)."""
     for x0 in range(0, ld, DIRECT_TILES[narrow][1]):
-        if narrow and streamed:
-            _direct_narrow_streamed(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
-        elif narrow:
-            _direct_narrow(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+        a = (k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+        if narrow:
+            if streamed:
+                _direct_narrow_streamed(*a)
+            elif grouped:
+                _direct_narrow_grouped(*a)
+            else:
+                _direct_narrow(*a)
         elif streamed:
-            _direct_wide_streamed(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+            _direct_wide_streamed(*a)
+        elif grouped:
+            _direct_wide_grouped(*a)
         else:
-            _direct_wide(k, src, x0 * xs, xs, koff, roff, w, ow, c, oc + x0, ldj, ldc)
+            _direct_wide(*a)
 
 
 @njit(cache=True)
@@ -888,6 +894,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     ld = -(-wo // TX) * TX
     RB = -(-per_block // NY) * NY
     streamed = _streamed(narrow, per_block, wo)
+    grouped = cb == CHANNEL_BLOCK
     rows = B * ho
     halo = (kh - 1) * dh // sh          # phase-plane rows a window reaches below its corner
     bands = -(-ho // per_block)         # blocks per image, when bands
@@ -945,8 +952,9 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                         for y in range(NY):
                             q = min(r + y, r1 - 1)
                             roff[y] = (q // ho - b0) * image + (q % ho - u0) * Wq * cb
-                        _direct_row(narrow, streamed, K, xb, cb, koff, roff, wt, pb * K * NR, s1,
-                                    (pb * NR * RB + r - r0) * ld, RB * ld, ld, ld)
+                        _direct_row(narrow, streamed, grouped, K, xb, cb, koff, roff, wt,
+                                    pb * K * NR, s1, (pb * NR * RB + r - r0) * ld, RB * ld, ld,
+                                    ld)
             if grid1:                    # MR output channels at a time over the grid: a
                 for s in range(-(-N // MR)):     # conv's responses, or their combine in stage
                     if two:
@@ -968,11 +976,11 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                         roff[y] = (q // ho - b0) * image + (q % ho - u0) * Wq * cb
                         roff1[y] = (q - r0) * ld
                     if two:
-                        _direct_row(narrow, streamed, M, s1, 1, koff1, roff1, ct, panel * M * NR,
-                                    stage, 0, NY * ld, ld, ld)
+                        _direct_row(narrow, streamed, False, M, s1, 1, koff1, roff1, ct,
+                                    panel * M * NR, stage, 0, NY * ld, ld, ld)
                     else:
-                        _direct_row(narrow, streamed, K, xb, cb, koff, roff, wt, panel * K * NR,
-                                    stage, 0, NY * ld, ld, ld)
+                        _direct_row(narrow, streamed, grouped, K, xb, cb, koff, roff, wt,
+                                    panel * K * NR, stage, 0, NY * ld, ld, ld)
                     ny = min(NY, r1 - r)
                     for j in range(min(NR, N - panel * NR)):
                         n = panel * NR + j

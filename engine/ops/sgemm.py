@@ -62,13 +62,15 @@ KC = 256                        # rows of B per packed block: one B micro-panel 
 MC = 120                        # rows of A per packed block (MC, KC) in L2
 NC = 2048                       # columns of B per packed block
 PREFETCH_ROWS = 64              # direct conv: weight rows prefetched ahead, when they stream
+CHANNEL_BLOCK = 8               # channels the direct conv's copied input interleaves (gemm.py)
 
 
-def _tile_loop(context, builder, k, n, lanes, rows):
+def _tile_loop(context, builder, k, n, lanes, rows, group=1):
     """Emits the register tile's loop and returns its accumulators after it:
     acc[2*i + v] = sum_{p < k} lanes(p)[i] * rows(p)[v] for i < n, v < 2, one fused
     multiply-add per (i, v, p) with the scalar broadcast, 2n vector accumulators in registers.
-    lanes(p): the tile's n scalars of step p; rows(p): its two vectors."""
+    lanes(p, u): the tile's n scalars of step p + u; rows(p, u): its two vectors; the loop
+    steps over `group` steps at a time (u < group; k a multiple of group)."""
     intp = context.get_value_type(types.intp)
     vec = ir.VectorType(ir.FloatType(), VW)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
@@ -89,15 +91,17 @@ def _tile_loop(context, builder, k, n, lanes, rows):
     builder.cbranch(builder.icmp_signed("<", p, k), body, tail)
 
     builder.position_at_end(body)
-    bv = rows(p)
     zeros = ir.Constant(ir.VectorType(ir.IntType(32), VW), [0] * VW)
     undef = ir.Constant(vec, ir.Undefined)
-    new = []
-    for i, s in enumerate(lanes(p)):
-        splat = builder.shuffle_vector(
-            builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, zeros)
-        new += [builder.call(fma, [splat, bv[v], acc[2 * i + v]]) for v in range(2)]
-    p.add_incoming(builder.add(p, ir.Constant(intp, 1)), body)
+    new = list(acc)
+    for u in range(group):
+        bv = rows(p, u)
+        for i, s in enumerate(lanes(p, u)):
+            splat = builder.shuffle_vector(
+                builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, zeros)
+            new[2 * i:2 * i + 2] = [builder.call(fma, [splat, bv[v], new[2 * i + v]])
+                                    for v in range(2)]
+    p.add_incoming(builder.add(p, ir.Constant(intp, group)), body)
     for phi, value in zip(acc, new):
         phi.add_incoming(value, body)
     builder.branch(head)
@@ -136,11 +140,11 @@ def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t
         ptr, const, vec_at = _codegen_helpers(context, builder)
         ap, bp, cp, op = ptr(a_t, a, oa), ptr(b_t, b, ob), ptr(c_t, c, oc), ptr(boff_t, boff, obf)
 
-        def lanes(p):
+        def lanes(p, u):
             return [builder.load(builder.gep(ap, [builder.add(builder.mul(p, const(MR)),
                                                               const(i))])) for i in range(MR)]
 
-        def rows(p):
+        def rows(p, u):
             row = builder.gep(bp, [builder.load(builder.gep(op, [p]))])
             return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
         acc = _tile_loop(context, builder, k, MR, lanes, rows)
@@ -189,7 +193,7 @@ def _transposed(builder, vecs):
             for j in range(VW)]
 
 
-def _direct_micro(NY, TX, streamed):
+def _direct_micro(NY, TX, streamed, group=1):
     """The direct conv's register tile of NY output rows x TX adjacent output columns by NR
     output channels (NY*TX = MR positions at TX = 4 with AVX-512) as an intrinsic:
     c[oc + j*ldj + y*ldc + x] = sum_p x[ox + koff[p] + roff[y] + x*xs] * w[ow + p*NR + j] for
@@ -199,12 +203,14 @@ def _direct_micro(NY, TX, streamed):
     laid out. streamed: the panel is read by few tiles, from memory; the tile prefetches it
     PREFETCH_ROWS rows ahead (dense VGG-16's 4x4 and 2x2 layers at batch 1 took 1.04-1.13x as
     long without). Where the panel stays in L2 for many tiles, the prefetch is one more
-    instruction a tap for nothing.
+    instruction a tap for nothing. group: koff's taps come in runs of `group` adjacent input
+    values (CHANNEL_BLOCK channels interleaved by the conv's input copy, and K ordered so by
+    blocked_k; k a multiple of group), and a run's offset is read once.
     Instructions per FMA count here: in the machine's slow phases (a busy sibling hyperthread,
     it seems) a kernel with more of them slows more (3x3 layers at 32x32 and 16x16, one core:
     1.45x against ONNX Runtime's 1.12x). Without the prefetch and with the offsets below, 23
     instructions a tap instead of 27 for 12 FMAs: 0.96-0.97 of the time in fast phases,
-    0.88-0.89 in slow ones."""
+    0.88-0.89 in slow ones; grouped by 8, about 20.5: 0.92 again."""
     @intrinsic
     def micro(typingctx, k_t, x_t, ox_t, xs_t, koff_t, roff_t, w_t, ow_t, c_t, oc_t, ldj_t, ldc_t):
         sig = types.void(types.intp, x_t, types.intp, types.intp, koff_t, roff_t, w_t, types.intp,
@@ -224,9 +230,10 @@ def _direct_micro(NY, TX, streamed):
                                                                     builder.mul(const(u), xs))],
                                    False) for corner in corners for u in range(TX)]
 
-            def lanes(p):
+            def lanes(p, u):
                 tap = builder.gep(xp, [builder.load(builder.gep(kp, [p]))])
-                return [builder.load(builder.gep(tap, [offset])) for offset in offsets]
+                return [builder.load(builder.gep(tap, [builder.add(offset, const(u))]))
+                        for offset in offsets]
 
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
@@ -234,14 +241,14 @@ def _direct_micro(NY, TX, streamed):
                 builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                 "llvm.prefetch.p0")
 
-            def rows(p):
-                row = builder.gep(wp, [builder.mul(p, const(NR))])
+            def rows(p, u):
+                row = builder.gep(wp, [builder.mul(builder.add(p, const(u)), const(NR))])
                 for line in range(0, NR if streamed else 0, 16):
                     ahead = builder.gep(row, [const(PREFETCH_ROWS * NR + line)])
                     builder.call(prefetch, [builder.bitcast(ahead, i8p), ir.Constant(i32, 0),
                                             ir.Constant(i32, 2), ir.Constant(i32, 1)])
                 return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
-            acc = _tile_loop(context, builder, k, NY * TX, lanes, rows)
+            acc = _tile_loop(context, builder, k, NY * TX, lanes, rows, group)
             for y in range(NY):
                 for v in range(2):
                     groups = _transposed(builder, [acc[2 * (y * TX + u) + v] for u in range(TX)])
@@ -306,8 +313,10 @@ def _run(dst, od, src, os_, n, add):
 # not hide the FMA latency, and the 3 x 2 ran 7-25% faster on AVX2, Zen 3)
 DIRECT_TILES, DIRECT_NARROW_COST = ((((3, 4), (4, 2)), 1.03) if MR == 12
                                    else (((1, 4), (3, 2)), 0.88))
-_direct_wide, _direct_wide_streamed = (_direct_micro(*DIRECT_TILES[0], s) for s in (0, 1))
-_direct_narrow, _direct_narrow_streamed = (_direct_micro(*DIRECT_TILES[1], s) for s in (0, 1))
+_direct_wide, _direct_wide_streamed = (_direct_micro(*DIRECT_TILES[0], s) for s in (False, True))
+_direct_narrow, _direct_narrow_streamed = (_direct_micro(*DIRECT_TILES[1], s) for s in (False, True))
+_direct_wide_grouped, _direct_narrow_grouped = (_direct_micro(NY, TX, False, CHANNEL_BLOCK)
+                                                for NY, TX in DIRECT_TILES)
 
 
 @njit(cache=True)
