@@ -490,7 +490,6 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
     colbase = np.empty(ld, np.intp)
     _window_corners(colbase, 0, B * P, P, C, Hp, Wp, wo, sh, sw)
     delta = _tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
-    boff = _steps(max(KC, Mp), NR)          # row p of a panel of cols / resp
     of = out.ravel()
     rf = res.ravel()
     for t in prange(T):
@@ -502,17 +501,13 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
         for k0 in range(c0 * kh * kw, c1 * kh * kw, KC):
             kc = min(KC, c1 * kh * kw - k0)
             _pack_cols(xpf, colbase, delta, k0, kc, B * P, cols[t], _column_run(sw, wo))
-            for s in range(Mp // MR):
-                for tile in range(tiles):
-                    _micro(kc, wp, (s * K + k0) * MR, cols[t], tile * kc * NR, boff, 0,
-                           resp[t], (tile * Mp + s * MR) * NR, NR, k0 > c0 * kh * kw)
+            _strip_tiles(kc, wp, k0 * MR, K * MR, 0, Mp // MR, cols[t], 0, kc * NR, tiles,
+                         None, 0, resp[t], 0, NR, Mp * NR, k0 > c0 * kh * kw)
     for t in prange(T):
         summed = _sum_partials(resp, Mp * ld)      # (tiles, Mp, NR)
         s0, s1 = Np // MR * t // T, Np // MR * (t + 1) // T
-        for s in range(s0, s1):
-            for tile in range(tiles):
-                _micro(Mp, cp, s * Mp * MR, summed, tile * Mp * NR, boff, 0, tmp,
-                       s * MR * ld + tile * NR, ld, False)
+        _strip_tiles(Mp, cp, 0, Mp * MR, s0, s1, summed, 0, Mp * NR, tiles, None, 0, tmp, 0,
+                     ld, NR, False)
         for n in range(s0 * MR, min(N, s1 * MR)):
             for b in range(B):
                 o = (b * N + n) * P
@@ -597,6 +592,17 @@ def _column_run(sw, wo):
     if sw != 1:
         return 1
     return 8 if wo % 8 == 0 else 4 if wo % 4 == 0 else 1
+
+
+@njit(cache=True)
+def _strip_tiles(k, a, oa, lda, s0, s1, src, ob, step, tiles, boff, obf, c, oc, ldc, ldt, add):
+    """The GEMM micro-kernel over a's MR-row panels s0 <= s < s1 (panel s at oa + s*lda) by
+    `tiles` NR-column tiles of B (tile t at src[ob + t*step], its rows as _micro's: boff None
+    for a packed micro-panel) into c[oc + s*MR*ldc + t*ldt] (+= when add)."""
+    for s in range(s0, s1):
+        for t in range(tiles):
+            _micro(k, a, oa + s * lda, src, ob + t * step, boff, obf, c,
+                   oc + s * MR * ldc + t * ldt, ldc, add)
 
 
 @njit(cache=True)
@@ -688,7 +694,6 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
     R1 = wp.size // K                       # stage-1 rows: Np, or Mp for a basis conv
     Np = cp.size // R1 if two else R1       # output rows rounded up to MR
     delta = _tap_offsets(C, kh, kw, dh, dw, Hp, Wp)
-    rows = _steps(max(KC, R1), NR)          # a micro-panel's row offsets
     span = ho * Wp if grid else B * P       # columns per image (grid) or in all
     per = (span + nch - 1) // nch           # chunks of each
     tasks = (B if grid else 1) * per * parts
@@ -715,28 +720,20 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
                 _window_corners(colbase[:tiles * NR], q0, nq, P, C, Hp, Wp, wo, sh, sw)
             s0 = Np // MR * part // parts
             s1 = Np // MR * (part + 1) // parts
+            # stage 1's row panels and where their tiles go: the responses, or the C chunk
+            r0, r1, o1, ld1, lt1 = (0, R1 // MR, sb, NR, R1 * NR) if two else (s0, s1, cb, nch, NR)
             for k0 in range(0, K, KC):
                 kc = min(KC, K - k0)
                 if grid:
-                    src, boff, obf, ob, step = xpf, delta, k0, img, NR
+                    _strip_tiles(kc, wp, k0 * MR, K * MR, r0, r1, xpf, img, NR, tiles, delta, k0,
+                                 buf, o1, ld1, lt1, k0 > 0)
                 else:
                     _pack_cols(xpf, colbase, delta, k0, kc, nq, buf, _column_run(sw, wo))
-                    src, boff, obf, ob, step = buf, rows, 0, 0, kc * NR
-                if two:
-                    for s in range(R1 // MR):
-                        for tt in range(tiles):
-                            _micro(kc, wp, (s * K + k0) * MR, src, ob + tt * step, boff, obf,
-                                   buf, sb + (tt * R1 + s * MR) * NR, NR, k0 > 0)
-                else:
-                    for s in range(s0, s1):
-                        for tt in range(tiles):
-                            _micro(kc, wp, (s * K + k0) * MR, src, ob + tt * step, boff, obf,
-                                   buf, cb + s * MR * nch + tt * NR, nch, k0 > 0)
+                    _strip_tiles(kc, wp, k0 * MR, K * MR, r0, r1, buf, 0, kc * NR, tiles, None, 0,
+                                 buf, o1, ld1, lt1, k0 > 0)
             if two:
-                for s in range(s0, s1):
-                    for tt in range(tiles):
-                        _micro(R1, cp, s * R1 * MR, buf, sb + tt * R1 * NR, rows, 0, buf,
-                               cb + s * MR * nch + tt * NR, nch, False)
+                _strip_tiles(R1, cp, 0, R1 * MR, s0, s1, buf, sb, R1 * NR, tiles, None, 0, buf, cb,
+                             nch, NR, False)
             for n in range(s0 * MR, min(N, s1 * MR)):
                 q = 0
                 while q < nq:

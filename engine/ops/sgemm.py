@@ -130,22 +130,27 @@ def _codegen_helpers(context, builder):
 def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t, add_t):
     """c[oc + i*ldc + j] (+= when add) sum_p a[oa + p*MR + i] * b[ob + boff[obf + p] + j] for
     i < MR, j < NR, p < k: the GEMM's register tile. B's rows are NR contiguous values anywhere
-    in b (boff: p*NR for a packed micro-panel, the taps' offsets when the conv reads its input
-    in place)."""
+    in b (boff: the taps' offsets when the conv reads its input in place), or a packed
+    micro-panel's, row p at ob + p*NR (boff None: without the offset's load and add, 20
+    instructions a step for 12 FMAs instead of 22; packed 3x3 layers at 8x8, one core: 0.92
+    of the time)."""
     sig = types.void(types.intp, a_t, types.intp, b_t, types.intp, boff_t, types.intp, c_t,
                      types.intp, types.intp, types.boolean)
 
     def codegen(context, builder, signature, args):
         k, a, oa, b, ob, boff, obf, c, oc, ldc, add = args
         ptr, const, vec_at = _codegen_helpers(context, builder)
-        ap, bp, cp, op = ptr(a_t, a, oa), ptr(b_t, b, ob), ptr(c_t, c, oc), ptr(boff_t, boff, obf)
+        ap, bp, cp = ptr(a_t, a, oa), ptr(b_t, b, ob), ptr(c_t, c, oc)
+        packed = isinstance(boff_t, types.NoneType)
+        op = None if packed else ptr(boff_t, boff, obf)
 
         def lanes(p, u):
             return [builder.load(builder.gep(ap, [builder.add(builder.mul(p, const(MR)),
                                                               const(i))])) for i in range(MR)]
 
         def rows(p, u):
-            row = builder.gep(bp, [builder.load(builder.gep(op, [p]))])
+            row = builder.gep(bp, [builder.mul(p, const(NR)) if packed
+                                   else builder.load(builder.gep(op, [p]))])
             return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
         acc = _tile_loop(context, builder, k, MR, lanes, rows)
         vec_ptr = acc[0].type.as_pointer()
@@ -379,7 +384,6 @@ def sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack):
     bp = pack[:kcmax * ncmax]
     ap = pack[kcmax * ncmax:kcmax * (ncmax + mcmax)]
     tile = pack[kcmax * (ncmax + mcmax):kcmax * (ncmax + mcmax) + MR * NR]
-    rows = np.arange(kcmax) * NR                # B micro-panel row offsets
     for j0 in range(0, n, NC):
         nc = min(NC, n - j0)
         for k0 in range(0, k, KC):
@@ -395,9 +399,10 @@ def sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack):
                         h = min(MR, mc - s * MR)
                         o = oc + (i0 + s * MR) * ldc + j0 + t * NR
                         if h == MR and w == NR:
-                            _micro(kc, ap, s * kc * MR, bp, t * kc * NR, rows, 0, c, o, ldc, add)
+                            _micro(kc, ap, s * kc * MR, bp, t * kc * NR, None, 0, c, o, ldc, add)
                         else:
-                            _micro(kc, ap, s * kc * MR, bp, t * kc * NR, rows, 0, tile, 0, NR, False)
+                            _micro(kc, ap, s * kc * MR, bp, t * kc * NR, None, 0, tile, 0, NR,
+                                   False)
                             for i in range(h):
                                 d = c[o + i * ldc:o + i * ldc + w]
                                 src = tile[i * NR:i * NR + w]
