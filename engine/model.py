@@ -99,8 +99,9 @@ def format_shape(shape) -> str:
 def load(path, *, limits: fmt.Limits | None = None, tt_strategy: str | None = None) -> Model:
     """Read, validate and plan a model file. Raises FormatError, LimitError, UnsupportedOpError.
 
-    tt_strategy: how tensor-train layers run: "auto" (the way with fewer MACs, the default),
-    "contract" (the core chain) or "dense" (the kernel rebuilt once); see docs/FORMAT.md.
+    tt_strategy: how tensor-train layers run: "auto" (the way with fewer MACs, a TT conv's
+    contraction MACs counted 2.5 times; the default), "contract" (the core chain) or "dense"
+    (the kernel rebuilt once); see docs/FORMAT.md.
     """
     graph, refs = fmt.load(path, limits)
     if tt_strategy is not None:

@@ -16,7 +16,8 @@ Two ways to run one layer, both counted (MACs per output position: pixel or row)
             prod(in) prod(out) MACs. A plan runs such a node as that conv2d / linear
             (`lowered`), so a following BatchNorm folds into the kernel and a residual add and
             activation go into its epilogue (separate BN steps cost TT VGG-16 6% at batch 1).
-The attribute `strategy` picks the way: "auto" (default; the fewer MACs, dense on a tie),
+The attribute `strategy` picks the way: "auto" (default; the fewer MACs, dense on a tie, a
+conv's contraction MACs counted 2.5 times: they ran 1.3-4x slower than the rebuilt conv's),
 "contract" or "dense". `set_strategy(graph, s)` sets it on every TT node: a load option.
 The reference (plain einsum over the chain) is the same for every strategy.
 Counted (`counted(node, x, strategy=None)`, either way): contract = the spatial stage by the
@@ -207,6 +208,7 @@ class _TT(Op):
     """What both TT ops share: the chain of cores, its checks, the strategies and the counts."""
     n_inputs = 1
     spatial = False                                         # a spatial core0 leads the chain
+    contract_cost = 1.0     # "auto": a contraction MAC's time in the dense op's MACs (below)
 
     def core_names(self, node) -> list[str]:
         return [f"core{k}" for k in range(0 if self.spatial else 1, len(node.attrs["in_modes"]) + 1)]
@@ -249,11 +251,12 @@ class _TT(Op):
         return {"contract": chain_macs(ins, outs, ranks), "dense": numel(ins) * numel(outs)}
 
     def strategy(self, node) -> str:
-        """The way this node runs: its `strategy` attribute, "auto" resolved by MACs."""
+        """The way this node runs: its `strategy` attribute, "auto" resolved by MACs, each
+        contraction MAC counted contract_cost times."""
         s = node.attrs.get("strategy", "auto")
         if s == "auto":
             per = self.macs_per_position(node)
-            s = "contract" if per["contract"] < per["dense"] else "dense"
+            s = "contract" if per["contract"] * self.contract_cost < per["dense"] else "dense"
         return s
 
     def positions(self, out_shape) -> int:
@@ -324,6 +327,10 @@ class _TT(Op):
 class TTConv2d(_TT):
     name = "tt_conv2d"
     spatial = True
+    # The chain (a depthwise conv, then small matmuls over the activations) ran at 1/1.3-1/4.1
+    # of the rebuilt conv's rate on TT VGG-16's layers (AVX2, 2 threads; 8x8 to 2x2, batch 1
+    # and 16): its 512-channel layers, at 0.74 of the dense MACs, took 1.4-3x as long.
+    contract_cost = 2.5
     weights = ("core0", "core1")
     optional_weights = tuple(f"core{k}" for k in range(2, MAX_CORES + 1)) + ("bias",)
 
@@ -428,6 +435,8 @@ class TTConv2d(_TT):
 @register
 class TTLinear(_TT):
     name = "tt_linear"
+    # contract_cost 1: a large layer's dense matrix streams from memory (4096 x 4096, batch 1:
+    # 22 ms dense, 0.3 ms contracted), so fewer MACs is the faster way, or close to it
     weights = ("core1",)
     optional_weights = tuple(f"core{k}" for k in range(2, MAX_CORES + 1)) + ("bias",)
 
