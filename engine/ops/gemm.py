@@ -97,8 +97,9 @@ from numba.np.linalg import ensure_blas
 from ..buffers import empty, scratch
 from .activation import residual_then_act
 from .sgemm import (CHANNEL_BLOCK, DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow,
-                    _direct_narrow_grouped, _direct_narrow_streamed, _direct_wide, _direct_wide_grouped, _direct_wide_streamed, _micro, _run,
-                    _vec4, _vec8, pack_cols, pack_rows, pack_size, sgemm)
+                    _direct_narrow_grouped, _direct_narrow_streamed, _direct_wide,
+                    _direct_wide_grouped, _direct_wide_streamed, _micro, _run, _vec4, _vec8,
+                    pack_cols, pack_rows, pack_size, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -110,7 +111,7 @@ DIRECT_WASTE = 1.25          # most outputs computed per output for the direct c
 DIRECT_MIN_K = 64            # fewest im2col rows (C*kh*kw) for the direct conv
 DIRECT_STREAMED = 64         # direct conv whatever its waste up to this many outputs per channel
 DIRECT_BLOCK_VALUES = 1 << 17  # input values a direct conv block reads (512 KB: half of L2)
-STREAMED_PANEL_TILES = 16    # direct tiles reading a weight panel per block up to which it streams
+STREAMED_PANEL_TILES = 16    # a direct conv block's tiles per weight panel up to which it streams
 BLOCKED_PLANE = 256          # ... when its padded planes have at least this many values
 ACT_CODES = {"relu": 1, "clip": 2, "leaky_relu": 3}
 
@@ -805,8 +806,9 @@ def _unit(t, T, units, i):
 
 @njit(cache=True)
 def _streamed(narrow, per_block, wo):
-    """Whether the direct conv's weight panels stream (its tiles prefetch them): a block of
-    per_block output rows of W' columns reads each by at most STREAMED_PANEL_TILES tiles."""
+    """Whether the direct conv's weight panels stream (its tiles prefetch them): the tiles of a
+    block of per_block output rows of W' columns read each panel at most STREAMED_PANEL_TILES
+    times."""
     NY, TX = DIRECT_TILES[narrow]
     return -(-per_block // NY) * -(-wo // TX) <= STREAMED_PANEL_TILES
 

@@ -67,10 +67,10 @@ CHANNEL_BLOCK = 8               # channels the direct conv's copied input interl
 
 def _tile_loop(context, builder, k, n, lanes, rows, group=1):
     """Emits the register tile's loop and returns its accumulators after it:
-    acc[2*i + v] = sum_{p < k} lanes(p)[i] * rows(p)[v] for i < n, v < 2, one fused
-    multiply-add per (i, v, p) with the scalar broadcast, 2n vector accumulators in registers.
-    lanes(p, u): the tile's n scalars of step p + u; rows(p, u): its two vectors; the loop
-    steps over `group` steps at a time (u < group; k a multiple of group)."""
+    acc[2*i + v] = sum_{q < k} lanes(p, u)[i] * rows(p, u)[v], q = p + u, for i < n, v < 2, one
+    fused multiply-add per (i, v, q) with the scalar broadcast, 2n vector accumulators in
+    registers. lanes: the tile's n scalars of step q; rows: its two vectors; the loop runs
+    `group` steps at a time (p a multiple of group, u < group; k a multiple of group)."""
     intp = context.get_value_type(types.intp)
     vec = ir.VectorType(ir.FloatType(), VW)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
@@ -132,8 +132,8 @@ def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t
     i < MR, j < NR, p < k: the GEMM's register tile. B's rows are NR contiguous values anywhere
     in b (boff: the taps' offsets when the conv reads its input in place), or a packed
     micro-panel's, row p at ob + p*NR (boff None: without the offset's load and add, 20
-    instructions a step for 12 FMAs instead of 22; packed 3x3 layers at 8x8, one core: 0.92
-    of the time)."""
+    instructions a step for 12 FMAs instead of 22; packed 3x3 layers at 8x8, one core:
+    0.92-0.95 of the time)."""
     sig = types.void(types.intp, a_t, types.intp, b_t, types.intp, boff_t, types.intp, c_t,
                      types.intp, types.intp, types.boolean)
 
@@ -318,10 +318,12 @@ def _run(dst, od, src, os_, n, add):
 # not hide the FMA latency, and the 3 x 2 ran 7-25% faster on AVX2, Zen 3)
 DIRECT_TILES, DIRECT_NARROW_COST = ((((3, 4), (4, 2)), 1.03) if MR == 12
                                    else (((1, 4), (3, 2)), 0.88))
-_direct_wide, _direct_wide_streamed = (_direct_micro(*DIRECT_TILES[0], s) for s in (False, True))
-_direct_narrow, _direct_narrow_streamed = (_direct_micro(*DIRECT_TILES[1], s) for s in (False, True))
-_direct_wide_grouped, _direct_narrow_grouped = (_direct_micro(NY, TX, False, CHANNEL_BLOCK)
-                                                for NY, TX in DIRECT_TILES)
+# each tile's kernels: plain, streamed (prefetching the weights), grouped (channel-blocked taps)
+((_direct_wide, _direct_wide_streamed, _direct_wide_grouped),
+ (_direct_narrow, _direct_narrow_streamed, _direct_narrow_grouped)) = (
+    [_direct_micro(NY, TX, streamed, group)
+     for streamed, group in ((False, 1), (True, 1), (False, CHANNEL_BLOCK))]
+    for NY, TX in DIRECT_TILES)
 
 
 @njit(cache=True)
