@@ -99,6 +99,11 @@ CASES = [
     (3, 40, 24, 3, 3, 3, 3, (2, 2), (0, 0, 0, 0), (1, 1), 1),     # 3 images of 1x1, strided
     (1, 24, 40, 1, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # one row of 4: the wide tile
     (4, 16, 24, 1, 1, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # 4 rows: AVX-512's narrow tile
+    # stride 2: runs of 8 and 4 columns gathered from every other value, the last one ending
+    # at the input's last value (2x2 taps, unpadded: read in place); the input grid's phases
+    (2, 16, 24, 32, 32, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),
+    (5, 24, 40, 8, 8, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),
+    (3, 8, 24, 16, 16, 2, 2, (2, 2), (0, 0, 0, 0), (1, 1), 1),
 ]
 
 
@@ -207,11 +212,14 @@ def test_cases_cover_every_conv_path():
                 if grid1:
                     seen.add(("direct", "grid1" if M else "grid conv", "images" if per_block > ho
                               else "bands" if per_block < ho else "image"))
+                    seen.add(("direct", "grid1" if M else "grid conv", "stride", stride))
             elif plan.how == "packed":
                 seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
                 if not plan.grid:
                     seen.add(("gather", "run", gemm._column_run(stride[1], wo),
                               B * ho * wo % gemm.NR != 0))
+                    seen.add(("gather", "run", gemm._column_run(stride[1], wo), "stride",
+                              stride[1]))
             elif plan.how == "split_k":
                 seen.add(("split_k", ("wide", "narrow")[plan.split[0]]))
             elif plan.how == "streamed":
@@ -231,7 +239,9 @@ def test_cases_cover_every_conv_path():
               for kind in ("plain", "streamed", "grouped")},
             ("direct", "channel block", gemm.CHANNEL_BLOCK), ("direct", "grid1", "images"),
             ("direct", "grid1", "bands"), ("direct", "grid1", "image"),
-            ("direct", "grid conv", "bands"), ("direct", "grid conv", "image")} <= seen
+            ("direct", "grid conv", "bands"), ("direct", "grid conv", "image"),
+            ("direct", "grid1", "stride", (2, 2)), ("direct", "grid conv", "stride", (2, 2)),
+            ("gather", "run", 8, "stride", 2), ("gather", "run", 4, "stride", 2)} <= seen
     # _pack_cols: whole tiles copied in runs of 8 and 4 columns, part tiles gathered
     assert {(how, "run", run, part) for how in ("gather", "streamed") for run in (8, 4)
             for part in (False, True)} <= seen, sorted(k for k in seen if "run" in k)
@@ -258,17 +268,58 @@ def test_sgemm_matches_reference(m, n, k, tb):
     assert (c[0] == 7).all() and (c[:, 0] == 7).all() and (c[:, n + 1:] == 7).all()
 
 
+@pytest.mark.parametrize("step", [1, 2])
 @pytest.mark.parametrize("add", [False, True])
-def test_vector_runs_copy_and_add_exactly_their_values(add):
-    """sgemm._run (vectors of 8 and 4, then values) at every length mod 8, at odd offsets; the
-    values around the destination run are left alone."""
+def test_vector_runs_copy_and_add_exactly_their_values(add, step):
+    """sgemm._run (vectors of 8 and 4, or at step 2 of 8 from 16 values, then values) at every
+    length mod 8, at odd offsets, up to the source's last value; the values around the
+    destination run are left alone."""
     src = rand(64, seed=2)
     for n in range(0, 21):
-        dst = np.full(40, 3.0, np.float32)
-        sgemm._run(dst, 5, src, 7, n, add)
-        want = np.full(40, 3.0, np.float32)
-        want[5:5 + n] = (want[5:5 + n] + src[7:7 + n]) if add else src[7:7 + n]
-        np.testing.assert_array_equal(dst, want)
+        for start in (7, 64 - 1 - (n - 1) * step):
+            dst = np.full(40, 3.0, np.float32)
+            sgemm._run(dst, 5, src, start, n, add, step)
+            want = np.full(40, 3.0, np.float32)
+            run = src[start:start + n * step:step]
+            want[5:5 + n] = (want[5:5 + n] + run) if add else run
+            np.testing.assert_array_equal(dst, want)
+
+
+def guarded_child():
+    """Run in a child process: the stride-2 vector reads (sgemm._run, gemm._pack_cols) of rows
+    that end at an input's last value, the input placed so that the next page is unreadable:
+    a read past it is a crash, not a harmless stray value."""
+    import ctypes
+    import mmap
+    page = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(base + page), page, 0) == 0, ctypes.get_errno()
+    src = np.frombuffer(region, np.float32, page // 4, 0)
+    src[:] = rand(page // 4)
+    for n in (8, 9, 16, 17):
+        dst = np.zeros(n, np.float32)
+        sgemm._run(dst, 0, src, src.size - 1 - 2 * (n - 1), n, False, 2)
+        np.testing.assert_array_equal(dst, src[src.size - 1 - 2 * (n - 1)::2])
+    # one image (1, 2, 16, 16) at the page's end, 2x2 taps at stride 2: 8 x 8 outputs
+    C, H, wo = 2, 16, 8
+    x = src[src.size - C * H * H:]
+    colbase = np.array([(q // wo * 2) * H + q % wo * 2 for q in range(64)], np.intp)
+    delta = gemm._tap_offsets(C, 2, 2, 1, 1, H, H)
+    bp = np.zeros(4 * 8 * delta.size * sgemm.NR // 4, np.float32)
+    gemm._pack_cols(x, colbase, delta, 0, delta.size, 64, bp, gemm._column_run(2, wo), 2)
+    want = x[colbase[None, :] + delta[:, None]]                 # (K, 64)
+    got = bp.reshape(-1, delta.size, sgemm.NR).transpose(1, 0, 2).reshape(delta.size, -1)
+    np.testing.assert_array_equal(got[:, :64], want)
+
+
+def test_strided_vector_reads_stay_inside_the_input():
+    """guarded_child in a child process (a read past the input would kill it)."""
+    done = subprocess.run([sys.executable, "-c", "import tests.test_fast_paths as t; "
+                           "t.guarded_child()"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_packed_rows_layout():

@@ -98,8 +98,8 @@ from ..buffers import empty, scratch
 from .activation import residual_then_act
 from .sgemm import (CHANNEL_BLOCK, DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow,
                     _direct_narrow_grouped, _direct_narrow_streamed, _direct_wide,
-                    _direct_wide_grouped, _direct_wide_streamed, _micro, _run, _vec4, _vec8,
-                    pack_cols, pack_rows, pack_size, sgemm)
+                    _direct_wide_grouped, _direct_wide_streamed, _evens4, _evens8, _micro,
+                    _run, _vec4, _vec8, pack_cols, pack_rows, pack_size, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -501,7 +501,8 @@ def _basis_streamed(x, kh, kw, sh, sw, dh, dw, pt, pl, Hp, Wp, ho, wo, wp, cp, b
                 resp[t, q] = 0.0
         for k0 in range(c0 * kh * kw, c1 * kh * kw, KC):
             kc = min(KC, c1 * kh * kw - k0)
-            _pack_cols(xpf, colbase, delta, k0, kc, B * P, cols[t], _column_run(sw, wo))
+            _pack_cols(xpf, colbase, delta, k0, kc, B * P, cols[t], _column_run(sw, wo),
+                       sw)
             _strip_tiles(kc, wp, k0 * MR, K * MR, 0, Mp // MR, cols[t], 0, kc * NR, tiles,
                          None, 0, resp[t], 0, NR, Mp * NR, k0 > c0 * kh * kw)
     for t in prange(T):
@@ -588,9 +589,9 @@ def _scatter(tf, of, rf, bias, has_res, act, a0, a1, r0, r1, c0, c1, N, P):
 
 @njit(cache=True)
 def _column_run(sw, wo):
-    """The aligned groups of output columns whose window corners are consecutive (_pack_cols):
-    8 or 4 at stride 1 when W' is a multiple of it, else 1."""
-    if sw != 1:
+    """The aligned groups of output columns whose window corners are sw apart in one row
+    (_pack_cols): 8 or 4 at stride 1 or 2 when W' is a multiple of it, else 1."""
+    if sw > 2:
         return 1
     return 8 if wo % 8 == 0 else 4 if wo % 4 == 0 else 1
 
@@ -607,27 +608,36 @@ def _strip_tiles(k, a, oa, lda, s0, s1, src, ob, step, tiles, boff, obf, c, oc, 
 
 
 @njit(cache=True)
-def _pack_cols(xpf, colbase, delta, k0, kc, nq, bp, run):
+def _pack_cols(xpf, colbase, delta, k0, kc, nq, bp, run, sw):
     """B micro-panels of rows [k0, k0 + kc) of the im2col matrix of nq columns (in tiles of NR,
     the last one's columns past nq repeating column nq - 1), gathered from the padded input
     xpf (flat): bp[(t*kc + r)*NR + l] = xpf[colbase[t*NR + l] + delta[k0 + r]], colbase: a
-    column's window corner, delta: a row's tap offset. run (8 or 4, else 1): every aligned
-    group of that many columns has consecutive corners (stride 1, W' a multiple of it), so a
-    row of a whole tile is copied as vectors (value by value it took several times as long,
-    and LLVM kept an unrolled copy of runs scalar: `sgemm._vector_op`).
-    Unsigned indices (no negative-index wrap), so that the loops vectorize."""
+    column's window corner, delta: a row's tap offset (increasing). run (8 or 4, else 1):
+    every aligned group of that many columns has corners sw apart (stride sw <= 2, W' a
+    multiple of it), so a row of a whole tile is copied as vectors (value by value it took
+    several times as long, and LLVM kept an unrolled copy of runs scalar:
+    `sgemm._vector_op`); at stride 2 each vector from twice its values loaded, while those
+    lie in xpf. Unsigned indices (no negative-index wrap), so that the loops vectorize."""
     for t in range(-(-nq // NR)):
         cb = colbase[t * NR:(t + 1) * NR]
         grouped = run if (t + 1) * NR <= nq else 1
+        if sw == 2 and cb[NR - grouped] + delta[k0 + kc - 1] + 2 * grouped > xpf.size:
+            grouped = 1
         for r in range(kc):
             dl = delta[k0 + r]
             o = (t * kc + r) * NR
             if grouped == 8:
                 for j in range(0, NR, 8):
-                    _vec8(bp, o + j, xpf, cb[j] + dl, False)
+                    if sw == 2:
+                        _evens8(bp, o + j, xpf, cb[j] + dl, False)
+                    else:
+                        _vec8(bp, o + j, xpf, cb[j] + dl, False)
             elif grouped == 4:
                 for j in range(0, NR, 4):
-                    _vec4(bp, o + j, xpf, cb[j] + dl, False)
+                    if sw == 2:
+                        _evens4(bp, o + j, xpf, cb[j] + dl, False)
+                    else:
+                        _vec4(bp, o + j, xpf, cb[j] + dl, False)
             else:
                 for l in range(NR):
                     bp[np.uintp(o + l)] = xpf[np.uintp(cb[l] + dl)]
@@ -657,8 +667,8 @@ def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst, cb=1):
                     if 0 <= y < H:
                         d = o + (u - u0) * Wq * cb
                         s = (t * H + y) * W + j - pl
-                        if sw == 1 and cb == 1:
-                            _run(dst, d + v0, xf, s + v0, v1 - v0, False)
+                        if sw <= 2 and cb == 1:
+                            _run(dst, d + v0, xf, s + v0 * sw, v1 - v0, False, sw)
                         else:
                             for v in range(v0, v1):
                                 dst[np.uintp(d + v * cb)] = xf[np.uintp(s + v * sw)]
@@ -729,7 +739,8 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
                     _strip_tiles(kc, wp, k0 * MR, K * MR, r0, r1, xpf, img, NR, tiles, delta, k0,
                                  buf, o1, ld1, lt1, k0 > 0)
                 else:
-                    _pack_cols(xpf, colbase, delta, k0, kc, nq, buf, _column_run(sw, wo))
+                    _pack_cols(xpf, colbase, delta, k0, kc, nq, buf, _column_run(sw, wo),
+                               sw)
                     _strip_tiles(kc, wp, k0 * MR, K * MR, r0, r1, buf, 0, kc * NR, tiles, None, 0,
                                  buf, o1, ld1, lt1, k0 > 0)
             if two:
@@ -943,7 +954,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
             _phase_tap_offsets(koff, C, kh, kw, dh, dw, sh, sw, Hb, Wq, cb)
             images, cols = -(-(r1 - r0) // ho), min(ho, r1 - r0) * Wq   # grid1: per image
             if grid1:                    # the block's basis responses over its input grid
-                _grid_tiles(K, R1 // MR, wt, 0, xb, C * Hb * Wq, koff, s1, 0, S1, images, G,
+                _grid_tiles(K, R1 // MR, wt, 0, xb, image, koff, s1, 0, S1, images, G,
                             cols)
             elif two:                    # the block's basis responses, each basis panel reused
                 for pb in range(R1 // NR):
@@ -1124,7 +1135,7 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
     per_row1 = 0 if M is None else K * round_up(M)               # stage 1's, when by tiles
     best = None
     for narrow, grid1 in [(n, g) for n in (0, 1) for g in (False, True)
-                          if (tiles or g) and (not g or sh == sw == 1)]:
+                          if (tiles or g)]:
         NY, TX = DIRECT_TILES[narrow]
         # values a block holds per image: its input, and with grid1 its responses too
         grid_row = round_up(N if M is None else M, MR) * Wq if grid1 else 0  # responses per row

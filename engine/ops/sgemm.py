@@ -267,24 +267,29 @@ def _direct_micro(NY, TX, streamed, group=1):
     return micro
 
 
-def _vector_op(lanes):
-    """An intrinsic f(dst, od, src, os, add): dst[od:od + lanes] = src[os:os + lanes], or +=
-    when add, as whole-vector loads and a store (add a literal at the call sites: LLVM drops
-    the other case). The same loop over values stays scalar when short: LLVM vectorizes it
-    only 32 values at a time, behind a run-time check that the two ranges do not overlap."""
+def _vector_op(lanes, step=1):
+    """An intrinsic f(dst, od, src, os, add): dst[od:od + lanes] = src[os:os + lanes*step:step],
+    or += when add, as whole-vector loads (a shuffle keeping every step-th value) and a store
+    (add a literal at the call sites: LLVM drops the other case). The same loop over values
+    stays scalar when short: LLVM vectorizes it only 32 values at a time, behind a run-time
+    check that the two ranges do not overlap; strided, it stays scalar."""
     @intrinsic
     def op(typingctx, dst_t, od_t, src_t, os_t, add_t):
         sig = types.void(dst_t, types.intp, src_t, types.intp, types.boolean)
 
         def codegen(context, builder, signature, args):
             dst, od, src, os_, add = args
-            vec = ir.VectorType(ir.FloatType(), lanes).as_pointer()
 
-            def at(arr_t, arr, offset):
+            def at(arr_t, arr, offset, n):
                 data = context.make_array(arr_t)(context, builder, arr).data
-                return builder.bitcast(builder.gep(data, [offset]), vec)
-            target = at(dst_t, dst, od)
-            value = builder.load(at(src_t, src, os_), align=4)
+                return builder.bitcast(builder.gep(data, [offset]),
+                                       ir.VectorType(ir.FloatType(), n).as_pointer())
+            target = at(dst_t, dst, od, lanes)
+            value = builder.load(at(src_t, src, os_, lanes * step), align=4)
+            if step > 1:
+                every = ir.Constant(ir.VectorType(ir.IntType(32), lanes),
+                                    [i * step for i in range(lanes)])
+                value = builder.shuffle_vector(value, value, every)
             value = builder.select(add, builder.fadd(builder.load(target, align=4), value), value)
             builder.store(value, target, align=4)
             return context.get_dummy_value()
@@ -292,22 +297,30 @@ def _vector_op(lanes):
     return op
 
 
-_vec8, _vec4 = _vector_op(8), _vector_op(4)
+_vec8, _vec4, _evens8, _evens4 = (_vector_op(8), _vector_op(4), _vector_op(8, 2),
+                                  _vector_op(4, 2))
 
 
 @njit(inline="always")
-def _run(dst, od, src, os_, n, add):
-    """dst[od:od + n] = src[os_:os_ + n], or += when add: vectors of 8, one of 4, then values
-    (short rows: B's rows packed, the shifted adds of kn2row, the rows of a padded plane)."""
+def _run(dst, od, src, os_, n, add, step=1):
+    """dst[od:od + n] = src[os_:os_ + n*step:step], or += when add: vectors of 8, one of 4, then
+    values (short rows: B's rows packed, the shifted adds of kn2row, the rows of a padded
+    plane); step 2 (a stride-2 conv's phase planes): vectors of 8 from 16 loaded values while
+    those lie in src (stride 2 by values took 4x as long as stride 1)."""
     q = 0
-    while q + 8 <= n:
-        _vec8(dst, od + q, src, os_ + q, add)
-        q += 8
-    if q + 4 <= n:
-        _vec4(dst, od + q, src, os_ + q, add)
-        q += 4
+    if step == 2:
+        while q + 8 <= n and os_ + 2 * q + 16 <= src.size:
+            _evens8(dst, od + q, src, os_ + 2 * q, add)
+            q += 8
+    elif step == 1:
+        while q + 8 <= n:
+            _vec8(dst, od + q, src, os_ + q, add)
+            q += 8
+        if q + 4 <= n:
+            _vec4(dst, od + q, src, os_ + q, add)
+            q += 4
     for u in range(q, n):
-        v = src[np.uintp(os_ + u)]
+        v = src[np.uintp(os_ + u * step)]
         dst[np.uintp(od + u)] = dst[np.uintp(od + u)] + v if add else v
 
 
