@@ -22,14 +22,14 @@ Ways to run a conv (`prepare_conv`, `plan_conv`), P = H'W' output positions per 
               planes) into its own scratch; a thread done with its run of blocks takes the
               others' last ones. A basis conv runs its stages there
               too: the block's basis responses, then the combine as a 1x1 conv over them. Few
-              filters (basis M = 12; convs with K < DIRECT_MIN_K at stride 1) run over the
-              input grid instead ("grid1": the GEMM micro-kernel, filters broadcast, NR
-              window corners as the vectors).
+              filters (basis M = 12 or 25; convs with K < DIRECT_MIN_K at stride 1) run over
+              the input grid (of a stride phase) instead ("grid1": the GEMM micro-kernel,
+              filters broadcast, NR window corners as the vectors).
   packed      (one group, B*P >= NR; not for basis convs whose stage 1 is kn2row per image)
               `_conv_packed`: weights packed once (sgemm.pack_rows); the output positions cut
               into chunks sized for L2; per chunk the im2col columns are gathered KC rows at a
               time straight into the micro-kernel's panels (`_pack_cols`, in runs of 8 or 4
-              consecutive values where the columns allow), or at stride 1 on
+              values, consecutive or every other one, where the columns allow), or at stride 1 on
               wide images read in place ("grid", `plan_conv`); the micro-kernel writes a C chunk
               whose epilogue goes to the output. Split by chunks, or by output rows when a
               layer has fewer columns than rows (weight-bound).
@@ -883,9 +883,10 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     cb channels interleaved) into its thread's scratch, or reads x itself (copy False: stride 1,
     unpadded, W' a multiple of TX). A basis conv first writes the block's basis responses
     (Mp, RB, ld), then combines them by the same micro-kernel (a 1x1 conv of M channels over
-    them). grid1 (stride 1, copy): the responses by the GEMM micro-kernel instead (wt =
+    them). grid1 (copy): the responses by the GEMM micro-kernel instead (wt =
     pack_rows(basis)), MR basis filters x NR adjacent window corners of the block's input grid
-    (rows of Wq corners, the Wq - W' past each row computed and dropped), so that a few filters
+    (rows of Wq corners of the first stride phase, the Wq - W' past each row computed and
+    dropped), so that a few filters
     (M = 12) fill the tile: the vectors run along the image, not the filters; the combine then
     runs over the grid too (ct = pack_rows(combine)), MR output channels at a time into the
     stage (MR, S1), whose rows get the epilogue. A conv with grid1 (wt = pack_rows(weight)) is
@@ -1124,7 +1125,7 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
     is a multiple), the weights' K in that order (blocked_k): a tile's taps then run along
     cache lines, not across planes (AVX2: 5-6% faster at 32x32, 16x16 and stride 2; neutral
     to 2% slower on smaller planes, hence BLOCKED_PLANE).
-    Grid1 (stride 1): the basis responses, or a conv's output, over the
+    Grid1: the basis responses, or a conv's output, over the
     input grid (filters rounded up to MR, Wq corners per output row) where that computes fewer
     MACs than the tiles (filters rounded up to NR), or always when the tiles may not be used
     (tiles False: a conv with K < DIRECT_MIN_K); its blocks are sized with the responses."""
