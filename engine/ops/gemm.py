@@ -77,7 +77,9 @@ gets, so results are bit-identical under numba.set_num_threads (dataset runs rel
 
 Epilogue, per output element: v = acc + bias[n], then v += residual[b, n, p] when fused, then the
 activation act (0 none, 1 relu, 2 clip a0..a1, 3 leaky_relu slope a0), in float32, the order and
-rounding of the unfused ops (conv, add, activation); NaN propagates as in NumPy.
+rounding of the unfused ops (conv, add, activation); NaN propagates as in NumPy. As whole
+vectors (`_epilogue_op`): LLVM left rows of up to 32 values scalar (2x2 layers at batch 16 took
+1.15x as long, BasisConv VGG-16 1.04x).
 """
 from __future__ import annotations
 
@@ -178,16 +180,80 @@ def _activation(v, act, lo, hi):
     return v
 
 
+def _epilogue_op(lanes, with_res):
+    """An intrinsic f(dst, od, src, os, bv, res, orr, act, lo, hi): the epilogue of `lanes`
+    values as whole vectors, dst[od + q] = act(src[os + q] + bv (+ res[orr + q] when with_res))
+    by _activation's rule (ordered compares and selects: NaN propagates the same way). As a
+    loop over values LLVM kept rows of up to 32 scalar (its vector body behind an overlap
+    check): about a cycle a value, 10% of a 32x32 basis layer's time."""
+    @intrinsic
+    def op(typingctx, dst_t, od_t, src_t, os_t, bv_t, res_t, orr_t, act_t, lo_t, hi_t):
+        sig = types.void(dst_t, types.intp, src_t, types.intp, bv_t, res_t, types.intp, act_t,
+                         lo_t, hi_t)
+
+        def codegen(context, builder, signature, args):
+            dst, od, src, os_, bv, res, orr, act, lo, hi = args
+            f32 = ir.FloatType()
+            vec = ir.VectorType(f32, lanes)
+
+            def at(arr_t, arr, offset):
+                data = context.make_array(arr_t)(context, builder, arr).data
+                return builder.bitcast(builder.gep(data, [offset]), vec.as_pointer())
+
+            def splat(value, value_t):
+                scalar = context.cast(builder, value, value_t, types.float32)
+                return builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(vec, ir.Undefined), scalar,
+                                           ir.Constant(ir.IntType(32), 0)),
+                    ir.Constant(vec, ir.Undefined),
+                    ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+            v = builder.fadd(builder.load(at(src_t, src, os_), align=4), splat(bv, bv_t))
+            if with_res:
+                v = builder.fadd(v, builder.load(at(res_t, res, orr), align=4))
+            zero, low, high = ir.Constant(vec, [0.0] * lanes), splat(lo, lo_t), splat(hi, hi_t)
+            negative = builder.fcmp_ordered("<", v, zero)
+            relu = builder.select(negative, zero, v)
+            clip = builder.select(builder.fcmp_ordered("<", v, low), low,
+                                  builder.select(builder.fcmp_ordered(">", v, high), high, v))
+            leaky = builder.select(negative, builder.fmul(v, low), v)
+            code = context.cast(builder, act, act_t, types.intp)
+
+            def is_(c):
+                return builder.icmp_signed("==", code, ir.Constant(code.type, c))
+            out = builder.select(is_(1), relu, builder.select(is_(2), clip,
+                                                              builder.select(is_(3), leaky, v)))
+            builder.store(out, at(dst_t, dst, od), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return op
+
+
+_epilogue8, _epilogue4 = _epilogue_op(8, False), _epilogue_op(4, False)
+_epilogue8_res, _epilogue4_res = _epilogue_op(8, True), _epilogue_op(4, True)
+
+
 @njit(inline="always")
 def _finish_row(dst, od, src, os_, n, bv, res, orr, has_res, act, lo, hi):
-    """dst[od + q] = act(src[os_ + q] + bv (+ res[orr + q])) for q < n, in one pass."""
-    if has_res:
-        for q in range(n):
-            v = src[np.uintp(os_ + q)] + bv
-            dst[np.uintp(od + q)] = _activation(v + res[np.uintp(orr + q)], act, lo, hi)
-    else:
-        for q in range(n):
-            dst[np.uintp(od + q)] = _activation(src[np.uintp(os_ + q)] + bv, act, lo, hi)
+    """dst[od + q] = act(src[os_ + q] + bv (+ res[orr + q])) for q < n, in one pass: vectors
+    of 8, one of 4, then values."""
+    q = 0
+    while q + 8 <= n:
+        if has_res:
+            _epilogue8_res(dst, od + q, src, os_ + q, bv, res, orr + q, act, lo, hi)
+        else:
+            _epilogue8(dst, od + q, src, os_ + q, bv, res, orr, act, lo, hi)
+        q += 8
+    if q + 4 <= n:
+        if has_res:
+            _epilogue4_res(dst, od + q, src, os_ + q, bv, res, orr + q, act, lo, hi)
+        else:
+            _epilogue4(dst, od + q, src, os_ + q, bv, res, orr, act, lo, hi)
+        q += 4
+    for u in range(q, n):
+        v = src[np.uintp(os_ + u)] + bv
+        if has_res:
+            v = v + res[np.uintp(orr + u)]
+        dst[np.uintp(od + u)] = _activation(v, act, lo, hi)
 
 
 @njit(cache=True)
