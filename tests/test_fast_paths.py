@@ -250,16 +250,18 @@ def test_cases_cover_every_conv_path():
 @pytest.mark.parametrize("m,n,k,tb", [(1, 1, 1, False), (12, 32, 256, False), (13, 33, 257, True),
                                       (5, 70, 600, False), (130, 40, 3, True), (7, 2100, 9, False),
                                       (4, 5, 0, False)])
-def test_sgemm_matches_reference(m, n, k, tb):
+@pytest.mark.parametrize("prepacked", [False, True])
+def test_sgemm_matches_reference(m, n, k, tb, prepacked):
     """Edges of every blocking (MR, NR, KC, MC, NC), offsets and leading dimensions past the
-    matrix; C outside its m x n window is left alone, and so is the packing scratch past
-    pack_size."""
+    matrix, A packed by the call or before (pack_rows); C outside its m x n window is left
+    alone, and so is the packing scratch past pack_size."""
     a = rand(2 + m * (k + 3))                                   # offset 2, lda = k + 3
     rows, ldb = (n, k + 1) if tb else (k, n + 2)
     b = rand(1 + rows * ldb, seed=1)                            # offset 1
     c = np.full((m + 1, n + 4), 7.0, np.float32)                # offset ldc + 1, ldc = n + 4
     pack = np.full(sgemm.pack_size(m, n, k) + 64, 5.0, np.float32)
-    sgemm.sgemm(tb, m, n, k, a, 2, k + 3, b, 1, ldb, c.ravel(), n + 5, n + 4, pack)
+    packed_a = sgemm.pack_rows(a[2:].reshape(m, k + 3)[:, :k]) if prepacked else None
+    sgemm.sgemm(tb, m, n, k, a, 2, k + 3, b, 1, ldb, c.ravel(), n + 5, n + 4, pack, packed_a)
     assert (pack[-64:] == 5).all()
     bm = b[1:].reshape(rows, ldb)
     bm = bm[:, :k].T if tb else bm[:, :n]

@@ -148,14 +148,15 @@ _xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
 
 
 @njit(cache=True)
-def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack):
+def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack, packed_a=None):
     """Row-major C = A @ B over flat float32 arrays, single-threaded:
     c[oc + i*ldc + j] = sum_l a[oa + i*lda + l] * B[l, j] for i < m, j < n, where B[l, j] is
     b[ob + l*ldb + j], or b[ob + j*ldb + l] when tb (B stored transposed). The engine's own
-    sgemm.sgemm (pack: its scratch, pack_size(m, n, k) values), except with fewer columns than
-    its register tile (late layers at batch 1), where BLAS's wastes less."""
+    sgemm.sgemm (pack: its scratch, pack_size(m, n, k) values; packed_a: A as pack_rows made
+    it, read instead of a), except with fewer columns than its register tile (late layers at
+    batch 1), where BLAS's wastes less."""
     if n >= NR:
-        sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack)
+        sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack, packed_a)
         return
     if m <= 0 or n <= 0:
         return
@@ -1115,6 +1116,11 @@ def kn2row_weights(basis: np.ndarray, groups: int) -> np.ndarray:
     return _DERIVED.get(basis, ("kn2row", groups), build)
 
 
+def per_group_rows(w: np.ndarray, groups: int) -> np.ndarray:
+    """(G, ...): each group's rows of w (G*m, k) as pack_rows lays them out."""
+    return np.stack([pack_rows(part) for part in np.split(w, groups)])
+
+
 def blocked_k(w: np.ndarray, cb: int, taps: int) -> np.ndarray:
     """w (n, K), K = C*taps in (channel, tap) order, with K reordered to (channel // cb, tap,
     channel % cb): the direct conv's order over an input copied with cb channels interleaved."""
@@ -1492,11 +1498,13 @@ def prepare_conv(x_shape, w1, bias, stride, padding, dilation, groups, ho, wo, w
                            T)
     elif plan.kn2row and plan.how == "image":
         wk = kn2row_weights(w1, groups)
+        wkp = _DERIVED.get(w1, ("kn2row packed", groups), lambda: per_group_rows(wk, groups))
+        w2p = _DERIVED.get(w2, ("packed per group", groups), lambda: per_group_rows(w2, groups))
 
         def run(x, res3, out):
             ws, packs = scratch((T, max(plan.scratch, 1)), (T, plan.pack))
-            _kn2row_image(x, wk, w2, bias, res3, has_res, code, a0, a1, kh, kw, dh, dw, pt, pl,
-                          ho, wo, groups, plan.split[0], out, ws, packs)
+            _kn2row_image(x, wk, w2, wkp, w2p, bias, res3, has_res, code, a0, a1, kh, kw, dh,
+                          dw, pt, pl, ho, wo, groups, plan.split[0], out, ws, packs)
     elif plan.kn2row:
         wk = kn2row_weights(w1, groups)
 
@@ -1618,11 +1626,12 @@ def _shift_add(Y, oY, ldY, iy0, W, M, kh, kw, dh, dw, pt, pl, oy0, oy1, wo, H, s
 
 
 @njit(cache=True, parallel=True)
-def _kn2row_image(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt, pl, ho, wo,
-                  groups, nsplit, out, ws, packs):
+def _kn2row_image(x, wk, w2, wkp, w2p, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt, pl,
+                  ho, wo, groups, nsplit, out, ws, packs):
     """Basis conv, stride 1, per-image tasks as _per_image: stage 1 by kn2row from the input
-    rows a band needs, wk (G*kh*kw*M, C/G) the taps' basis filters, w2 (N, M) the combine;
-    packs[t]: thread t's sgemm scratch."""
+    rows a band needs, wk (G*kh*kw*M, C/G) the taps' basis filters, w2 (N, M) the combine,
+    wkp and w2p the same packed per group (pack_rows: (G, ...)), multiplied image after
+    image; packs[t]: thread t's sgemm scratch."""
     B, C, H, W = x.shape
     N, P = out.shape[1], out.shape[2]
     Cg = C // groups
@@ -1657,11 +1666,12 @@ def _kn2row_image(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, pt
             for g in range(groups):
                 if n_in > 0:
                     _gemm(False, TM, n_in, Cg, wkf, g * TM * Cg, Cg, xf,
-                          (b * C + g * Cg) * H * W + iy0 * W, H * W, buf, 0, n_in, packs[t])
+                          (b * C + g * Cg) * H * W + iy0 * W, H * W, buf, 0, n_in, packs[t],
+                          wkp[g])
                 _shift_add(buf, 0, n_in, iy0, W, M, kh, kw, dh, dw, pt, pl, oy0, oy1, wo, H,
                            buf, sb, n_col)
                 _gemm(False, Ng, n_col, M, w2f, g * Ng * M, M, buf, sb, n_col, of,
-                      (b * N + g * Ng) * P + oy0 * wo, P, packs[t])
+                      (b * N + g * Ng) * P + oy0 * wo, P, packs[t], w2p[g])
             for n in range(N):
                 o = (b * N + n) * P + oy0 * wo
                 _finish_in_place(of, o, n_col, bias[n], rf, o, has_res, act, a0, a1)
