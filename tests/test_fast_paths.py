@@ -383,7 +383,7 @@ def test_nan_propagates_through_epilogue():
 
 @pytest.mark.parametrize("has_res", [False, True])
 def test_epilogue_rows_match_the_unfused_ops(has_res):
-    """gemm._finish (vectors of 8, one of 4, then values) at every row length up to 20, odd
+    """gemm._finish (vectors of 8, then values) at every row length up to 20, odd
     offsets, each activation code, NaN and -0.0 among the values: bit for bit the float32
     ops it fuses (bias add, residual add, activation); the values around the row untouched."""
     src, res = rand(64, seed=3), rand(64, seed=4)

@@ -78,8 +78,10 @@ gets, so results are bit-identical under numba.set_num_threads (dataset runs rel
 Epilogue, per output element: v = acc + bias[n], then v += residual[b, n, p] when fused, then the
 activation act (0 none, 1 relu, 2 clip a0..a1, 3 leaky_relu slope a0), in float32, the order and
 rounding of the unfused ops (conv, add, activation); NaN propagates as in NumPy. As whole
-vectors (`_epilogue_op`): LLVM left rows of up to 32 values scalar (2x2 layers at batch 16 took
-1.15x as long, BasisConv VGG-16 1.04x).
+vectors of 8 (`_epilogue_op`; LLVM left rows of up to 32 values scalar), in `_finish` inlined
+into each kernel (it is called per row, often of 16 values or fewer): with both, BasisConv
+VGG-16's layers at batch 16 took 0.80-0.81 of the time at 2x2, 0.87-0.92 at 4x4, 0.93-0.97 at
+8x8, the net 0.95.
 """
 from __future__ import annotations
 
@@ -229,14 +231,14 @@ def _epilogue_op(lanes, with_res):
     return op
 
 
-_epilogue8, _epilogue4 = _epilogue_op(8, False), _epilogue_op(4, False)
-_epilogue8_res, _epilogue4_res = _epilogue_op(8, True), _epilogue_op(4, True)
+_epilogue8, _epilogue8_res = _epilogue_op(8, False), _epilogue_op(8, True)
 
 
 @njit(inline="always")
 def _finish_row(dst, od, src, os_, n, bv, res, orr, has_res, act, lo, hi):
     """dst[od + q] = act(src[os_ + q] + bv (+ res[orr + q])) for q < n, in one pass: vectors
-    of 8, one of 4, then values."""
+    of 8, then values (inlined with _finish wherever an epilogue runs: vectors of 4 as well,
+    two more intrinsics there, made the cold compile 12 s longer)."""
     q = 0
     while q + 8 <= n:
         if has_res:
@@ -244,12 +246,6 @@ def _finish_row(dst, od, src, os_, n, bv, res, orr, has_res, act, lo, hi):
         else:
             _epilogue8(dst, od + q, src, os_ + q, bv, res, orr, act, lo, hi)
         q += 8
-    if q + 4 <= n:
-        if has_res:
-            _epilogue4_res(dst, od + q, src, os_ + q, bv, res, orr + q, act, lo, hi)
-        else:
-            _epilogue4(dst, od + q, src, os_ + q, bv, res, orr, act, lo, hi)
-        q += 4
     for u in range(q, n):
         v = src[np.uintp(os_ + u)] + bv
         if has_res:
