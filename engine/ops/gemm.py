@@ -196,8 +196,7 @@ def _epilogue_op(lanes, with_res):
 
         def codegen(context, builder, signature, args):
             dst, od, src, os_, bv, res, orr, act, lo, hi = args
-            f32 = ir.FloatType()
-            vec = ir.VectorType(f32, lanes)
+            vec = ir.VectorType(ir.FloatType(), lanes)
 
             def at(arr_t, arr, offset):
                 data = context.make_array(arr_t)(context, builder, arr).data
@@ -950,11 +949,11 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     them). grid1 (copy): the responses by the GEMM micro-kernel instead (wt =
     pack_rows(basis)), MR basis filters x NR adjacent window corners of the block's input grid
     (rows of Wq corners of the first stride phase, the Wq - W' past each row computed and
-    dropped), so that a few filters
-    (M = 12) fill the tile: the vectors run along the image, not the filters; the combine then
-    runs over the grid too (ct = pack_rows(combine)), MR output channels at a time into the
-    stage (MR, S1), whose rows get the epilogue. A conv with grid1 (wt = pack_rows(weight)) is
-    the first stage alone, its responses the output (K < DIRECT_MIN_K: first layers).
+    dropped), so that a few filters (M = 12) fill the tile: the vectors run along the image,
+    not the filters; the combine then runs over the grid too (ct = pack_rows(combine)), MR
+    output channels at a time into the stage (MR, S1), whose rows get the epilogue. A conv
+    with grid1 (wt = pack_rows(weight)) is the first stage alone, its responses the output
+    (K < DIRECT_MIN_K: first layers).
     ws: a row per thread: the stage (NR, NY, ld), ld = W' rounded up to TX, or with grid1
     (MR, S1); the responses (two or grid1): (Mp, RB, ld), RB = per_block rounded up to NY, or
     with grid1 (Mp, S1), S1 = images x G, G = an image's grid rows x Wq rounded up to NR; the
