@@ -103,7 +103,8 @@ from .activation import residual_then_act
 from .sgemm import (CHANNEL_BLOCK, DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow,
                     _direct_narrow_grouped, _direct_narrow_streamed, _direct_wide,
                     _direct_wide_grouped, _direct_wide_streamed, _evens4, _evens8, _micro,
-                    _run, _vec4, _vec8, pack_cols, pack_rows, pack_size, sgemm)
+                    _run, _splat, _vec4, _vec8, _vector_ptr, pack_cols, pack_rows, pack_size,
+                    sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -196,23 +197,17 @@ def _epilogue_op(lanes, with_res):
 
         def codegen(context, builder, signature, args):
             dst, od, src, os_, bv, res, orr, act, lo, hi = args
-            vec = ir.VectorType(ir.FloatType(), lanes)
 
             def at(arr_t, arr, offset):
-                data = context.make_array(arr_t)(context, builder, arr).data
-                return builder.bitcast(builder.gep(data, [offset]), vec.as_pointer())
+                return _vector_ptr(context, builder, arr_t, arr, offset, lanes)
 
             def splat(value, value_t):
-                scalar = context.cast(builder, value, value_t, types.float32)
-                return builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(vec, ir.Undefined), scalar,
-                                           ir.Constant(ir.IntType(32), 0)),
-                    ir.Constant(vec, ir.Undefined),
-                    ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+                return _splat(builder, context.cast(builder, value, value_t, types.float32), lanes)
             v = builder.fadd(builder.load(at(src_t, src, os_), align=4), splat(bv, bv_t))
             if with_res:
                 v = builder.fadd(v, builder.load(at(res_t, res, orr), align=4))
-            zero, low, high = ir.Constant(vec, [0.0] * lanes), splat(lo, lo_t), splat(hi, hi_t)
+            zero = ir.Constant(ir.VectorType(ir.FloatType(), lanes), [0.0] * lanes)
+            low, high = splat(lo, lo_t), splat(hi, hi_t)
             negative = builder.fcmp_ordered("<", v, zero)
             relu = builder.select(negative, zero, v)
             clip = builder.select(builder.fcmp_ordered("<", v, low), low,
@@ -680,7 +675,8 @@ def _pack_cols(xpf, colbase, delta, k0, kc, nq, bp, run, sw):
     multiple of it), so a row of a whole tile is copied as vectors (value by value it took
     several times as long, and LLVM kept an unrolled copy of runs scalar:
     `sgemm._vector_op`); at stride 2 each vector from twice its values loaded, while those
-    lie in xpf. Unsigned indices (no negative-index wrap), so that the loops vectorize."""
+    lie in xpf. (Through sgemm._run's loop over any length, the gather took 1.6-5.7x as long.)
+    Unsigned indices (no negative-index wrap), so that the loops vectorize."""
     for t in range(-(-nq // NR)):
         cb = colbase[t * NR:(t + 1) * NR]
         grouped = run if (t + 1) * NR <= nq else 1

@@ -65,6 +65,21 @@ PREFETCH_ROWS = 64              # direct conv: weight rows prefetched ahead, whe
 CHANNEL_BLOCK = 8               # channels the direct conv's copied input interleaves (gemm.py)
 
 
+def _vector_ptr(context, builder, arr_t, arr, offset, lanes):
+    """A pointer to the `lanes` float32 values of arr from offset, as one vector."""
+    data = context.make_array(arr_t)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [offset]),
+                           ir.VectorType(ir.FloatType(), lanes).as_pointer())
+
+
+def _splat(builder, scalar, lanes):
+    """A vector of `lanes` copies of the float32 scalar."""
+    undef = ir.Constant(ir.VectorType(ir.FloatType(), lanes), ir.Undefined)
+    return builder.shuffle_vector(
+        builder.insert_element(undef, scalar, ir.Constant(ir.IntType(32), 0)), undef,
+        ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
 def _tile_loop(context, builder, k, n, lanes, rows, group=1):
     """Emits the register tile's loop and returns its accumulators after it:
     acc[2*i + v] = sum_{q < k} lanes(p, u)[i] * rows(p, u)[v], q = p + u, for i < n, v < 2, one
@@ -91,14 +106,11 @@ def _tile_loop(context, builder, k, n, lanes, rows, group=1):
     builder.cbranch(builder.icmp_signed("<", p, k), body, tail)
 
     builder.position_at_end(body)
-    zeros = ir.Constant(ir.VectorType(ir.IntType(32), VW), [0] * VW)
-    undef = ir.Constant(vec, ir.Undefined)
     new = list(acc)
     for u in range(group):
         bv = rows(p, u)
         for i, s in enumerate(lanes(p, u)):
-            splat = builder.shuffle_vector(
-                builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, zeros)
+            splat = _splat(builder, s, VW)
             new[2 * i:2 * i + 2] = [builder.call(fma, [splat, bv[v], new[2 * i + v]])
                                     for v in range(2)]
     p.add_incoming(builder.add(p, ir.Constant(intp, group)), body)
@@ -279,13 +291,9 @@ def _vector_op(lanes, step=1):
 
         def codegen(context, builder, signature, args):
             dst, od, src, os_, add = args
-
-            def at(arr_t, arr, offset, n):
-                data = context.make_array(arr_t)(context, builder, arr).data
-                return builder.bitcast(builder.gep(data, [offset]),
-                                       ir.VectorType(ir.FloatType(), n).as_pointer())
-            target = at(dst_t, dst, od, lanes)
-            value = builder.load(at(src_t, src, os_, lanes * step), align=4)
+            target = _vector_ptr(context, builder, dst_t, dst, od, lanes)
+            value = builder.load(_vector_ptr(context, builder, src_t, src, os_, lanes * step),
+                                 align=4)
             if step > 1:
                 every = ir.Constant(ir.VectorType(ir.IntType(32), lanes),
                                     [i * step for i in range(lanes)])
