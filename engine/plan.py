@@ -146,16 +146,18 @@ class Plan:
                                st.residual, st.output, st.frees) for st in self.steps)
         self._checked: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
-        self._pool = buffers.BufferPool()       # dead tensors' buffers, for later outputs
+        self._arenas = buffers.ArenaPool()      # calls' memory (engine/buffers.py)
         self._check({t.name: self.shapes[t.name] for t in graph.inputs}, keep_all=False)
 
     def check_inputs(self, xs: dict[str, np.ndarray], keep_all: bool = False) -> dict[str, tuple]:
         """Shapes of every tensor for these inputs (arrays, or anything with a .shape). InputError
         if a node rejects them; LimitError if a call would hold too much at once: the fused
         plan's peak, or with keep_all every tensor (Model.activations)."""
-        return self._check({k: tuple(x.shape) for k, x in xs.items()}, keep_all)
+        return self._check({k: tuple(x.shape) for k, x in xs.items()}, keep_all)[0]
 
-    def _check(self, input_shapes: dict[str, tuple], keep_all: bool) -> dict[str, tuple]:
+    def _check(self, input_shapes: dict[str, tuple], keep_all: bool) -> tuple:
+        """(shapes, layout) for these input shapes, worked out once for each (see check_inputs
+        and _layout)."""
         key = tuple(input_shapes.values())
         hit = self._checked.get(key)
         if hit is None:
@@ -164,20 +166,50 @@ class Plan:
             except ShapeMismatch as e:
                 got = ", ".join(f"'{k}' {s}" for k, s in input_shapes.items())
                 raise InputError(f"input shape(s) {got} do not fit the model: {e}") from None
-            hit = (shapes, self.peak_elements(shapes), sum(map(numel, shapes.values())))
-            # the pool keeps at most one call's peak (float32 values) of the shapes seen
-            self._pool.max_bytes = max(self._pool.max_bytes, 4 * hit[1])
+            hit = (shapes, self._layout(shapes), self.peak_elements(shapes),
+                   sum(map(numel, shapes.values())))
             with self._lock:
                 if len(self._checked) > 64:
                     self._checked.clear()
                 self._checked[key] = hit
-        shapes, peak, total = hit
+        shapes, layout, peak, total = hit
         held = total if keep_all else peak
         if held > self.limits.max_live_elements:
             raise LimitError(f"a call on input(s) {list(key)} would hold {held} values at once"
                              f"{' (every node kept)' if keep_all else ''}, over max_live_elements "
                              f"{self.limits.max_live_elements}")
-        return shapes
+        return shapes, layout
+
+    def _layout(self, shapes: dict[str, tuple]) -> tuple:
+        """Per step, (offset, shape) of its output in a call's activation block, or None where
+        the step's memory is not the arena's: ops not marked Op.arena_output (their output may
+        be a view of an input, or NumPy's new array) and outputs the caller gets (a graph output
+        or anything it may view). An output is alive from its step to the last step reading it
+        or a tensor that may view it; outputs alive at once get disjoint ranges (first fit)."""
+        within = {t.name: () for t in self.graph.inputs}   # tensor -> steps whose output it may view
+        last = {}                                           # step -> last step reading its output
+        for i, st in enumerate(self.steps):
+            reads = [*st.node.inputs, *([st.residual] if st.residual else [])]
+            for t in reads:
+                last.update(dict.fromkeys(within[t], i))
+            within[st.output] = ((i,) if OPS[st.node.op].arena_output else
+                                 tuple({b for t in reads for b in within[t]}))
+            last.setdefault(i, i)
+        callers = {b for _, t in self.graph.outputs for b in within[t]}
+        layout, alive = [], []                              # alive: (offset, values, last step)
+        for i, st in enumerate(self.steps):
+            if not OPS[st.node.op].arena_output or i in callers:
+                layout.append(None)
+                continue
+            alive = sorted(a for a in alive if a[2] >= i)
+            n, offset = buffers.align(numel(shapes[st.output])), 0
+            for off, size, _ in alive:
+                if off - offset >= n:
+                    break
+                offset = max(offset, off + size)
+            alive.append((offset, n, last[i]))
+            layout.append((offset, shapes[st.output]))
+        return tuple(layout)
 
     def peak_elements(self, shapes: dict[str, tuple]) -> int:
         """Most values alive at once while the fused steps run (inputs and outputs included).
@@ -203,17 +235,20 @@ class Plan:
         return peak
 
     def run(self, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the fused steps; returns the graph outputs by node name. Dead tensors' buffers
-        go to the plan's pool, for the ops' outputs of this and later calls (engine/buffers.py)."""
-        self.check_inputs(xs)
+        """Run the fused steps; returns the graph outputs by node name. Each step's output is
+        its planned range of the call's arena where it has one (engine/buffers.py)."""
+        input_shapes = {k: tuple(x.shape) for k, x in xs.items()}
+        _, layout = self._check(input_shapes, keep_all=False)
         env = dict(xs)
-        token = buffers.using(self._pool)
+        token, arena = buffers.using(self._arenas)
         try:
-            for launch, inputs, residual, output, frees in self._program:
+            for (launch, inputs, residual, output, frees), out in zip(
+                    self._program, arena.outputs(tuple(input_shapes.values()), layout)):
+                arena.out = out
                 env[output] = launch([env[i] for i in inputs],
                                      None if residual is None else env[residual])
                 for t in frees:
-                    self._pool.give(env.pop(t))
+                    del env[t]
         finally:
             buffers.done(token)
         return {n: env[n] for _, n in self.graph.outputs}

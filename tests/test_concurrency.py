@@ -113,31 +113,58 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(a, b)
 
 
-def test_buffer_pool_recycles_only_dead_buffers():
-    """Plan.run gives each dead tensor's buffer to its pool (engine/buffers.py); a buffer that
-    anything else still refers to (a view, another name, a caller) is never taken."""
-    from engine.buffers import BufferPool
-    pool = BufferPool(max_bytes=1 << 20)
-    held = np.empty(7, np.float32)
-    base = np.empty((3, 3), np.float32)
-    env = {"dead": np.empty(10, np.float32), "dead_view": np.empty((4, 4), np.float32).reshape(16),
-           "held": held, "view_of_held": base.reshape(9), "big": np.empty(1 << 19, np.float32)}
-    for name in list(env):
-        pool.give(env.pop(name))
-    assert pool.bytes == 10 * 4 + 16 * 4             # "big" is past max_bytes
-    a = pool.take((4, 4), np.float32)
-    assert a.shape == (4, 4) and pool.bytes == 40 and pool.take((4, 4), np.float32) is not a
-    assert pool.take((10,), np.float64).dtype == np.float64 and pool.bytes == 40
-    # a free block serves any request of its size down to half of it, as a view of it
-    env = {"block": np.empty(16, np.float32)}
-    where = env["block"].ctypes.data
-    pool.give(env.pop("block"))
-    env["b"] = pool.take((2, 3), np.float64)                     # 48 of its 64 bytes
-    assert env["b"].shape == (2, 3) and env["b"].dtype == np.float64
-    assert env["b"].ctypes.data == where
-    pool.give(env.pop("b"))                                      # given back through its view
-    assert pool.take((3,), np.float32).ctypes.data != where      # 12 bytes: not a 64-byte block
-    assert pool.take((12,), np.float32).ctypes.data == where
+def _memory_graph():
+    """Outputs alive for long and short spans, a skip connection (a fused residual add), views
+    of planned outputs read late, a graph output that is a view of a conv's output and one that
+    later steps read too."""
+    from engine.graph import Graph, Node, TensorSpec
+    from tests.fuzz import _conv
+    rng = np.random.default_rng(3)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    def conv(name, x, n, c):
+        return Node(name, "conv2d", [x], _conv(), {"weight": w(n, c, 3, 3), "bias": w(n)})
+    pool = {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0], "dilation": [1, 1],
+            "ceil_mode": False}
+    return Graph([TensorSpec("x", [None, 3, 8, 8])],
+                 [("logits", "fc"), ("early", "early_flat"), ("mid", "c3")], "dict", [
+        conv("c1", "x", 4, 3),                      # read by c2 and, much later, the add
+        conv("c2", "c1", 4, 4),
+        Node("early_flat", "flatten", ["c2"], {"start_dim": 1, "end_dim": 3}),  # an output
+        conv("c3", "c2", 4, 4),                     # an output that c4 reads
+        conv("c4", "c3", 4, 4),
+        Node("skip", "add", ["c4", "c1"]),
+        Node("r", "relu", ["skip"]),
+        Node("p", "max_pool2d", ["r"], pool),
+        Node("flat", "flatten", ["p"], {"start_dim": 1, "end_dim": 3}),   # a view, read late
+        Node("fc0", "linear", ["flat"], {}, {"weight": w(16, 64), "bias": w(16)}),
+        Node("fc1", "linear", ["fc0"], {}, {"weight": w(64, 16), "bias": w(64)}),
+        Node("both", "add", ["fc1", "flat"]),
+        Node("fc", "linear", ["both"], {}, {"weight": w(5, 64), "bias": w(5)}),
+    ])
+
+
+def test_planned_outputs_share_memory_only_when_dead():
+    """Plan._layout: each step's output gets arena memory that no output alive at the same time
+    (a view of it included) shares, and memory is reused; graph outputs and what they view are
+    the caller's (never in the arena). Checked against the unfused reference, node by node."""
+    model = engine.Model(_memory_graph(), fmt.References())
+    x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    shapes, layout = model.plan._check({"x": x.shape}, keep_all=False)
+    by_output = {st.output: at for st, at in zip(model.plan.steps, layout)}
+    assert by_output["c2"] is None and by_output["c3"] is None and by_output["fc"] is None
+    planned = [at for at in layout if at is not None]
+    assert len(planned) >= 4
+    end = max(off + int(np.prod(shape)) for off, shape in planned)
+    assert end < sum(int(np.prod(shape)) for _, shape in planned)      # some memory reused
+    want = model.activations(x, kernels="reference")
+    for _ in range(2):                                                  # the arena's second use too
+        got = model(x)
+        for name, node in (("logits", "fc"), ("early", "early_flat"), ("mid", "c3")):
+            np.testing.assert_allclose(got[name], want[node], rtol=1e-5,
+                                       atol=1e-5 * np.abs(want[node]).max())
 
 
 def test_scratch_is_carved_from_the_calls_arena():
@@ -148,8 +175,8 @@ def test_scratch_is_carved_from_the_calls_arena():
     shapes = ((3, 5), (7,), (0,), (2, 33))
     loose = buffers.scratch(*shapes)
     assert [a.shape for a in loose] == list(shapes)
-    pool = buffers.BufferPool()
-    token = buffers.using(pool)
+    pool = buffers.ArenaPool()
+    token, _ = buffers.using(pool)
     try:
         first = buffers.scratch(*shapes)
         assert [a.shape for a in first] == list(shapes)
@@ -157,14 +184,14 @@ def test_scratch_is_carved_from_the_calls_arena():
                    for a in first)
         assert not any(np.shares_memory(a, b) for a, b in itertools.combinations(first, 2))
         assert not any(np.shares_memory(a, b) for a in first for b in loose)
-        inner = buffers.using(pool)               # a concurrent call: its own arena
+        inner, _ = buffers.using(pool)            # a concurrent call: its own arena
         try:
             assert not any(np.shares_memory(a, b) for a in buffers.scratch(*shapes) for b in first)
         finally:
             buffers.done(inner)
     finally:
         buffers.done(token)
-    token = buffers.using(pool)                   # the next call: the same memory again
+    token, _ = buffers.using(pool)                # the next call: the same memory again
     try:
         again = buffers.scratch(*shapes)
         assert len(pool._arenas) == 1 and all(np.shares_memory(a, b) for a, b in
@@ -174,14 +201,14 @@ def test_scratch_is_carved_from_the_calls_arena():
 
 
 def test_calls_reuse_buffers_and_keep_results(seed_files):
-    """A call's outputs stay as they were after later calls, which draw on the pool."""
+    """A call's outputs stay as they were after later calls, which reuse the arena."""
     model = engine.load(seed_files["cnn"])
     rng = np.random.default_rng(1)
     x1, x2 = (rng.standard_normal((2,) + tuple(model.graph.inputs[0].shape[1:])).astype(np.float32)
               for _ in range(2))
     y1 = model(x1)
     kept = {k: v.copy() for k, v in y1.items()} if isinstance(y1, dict) else y1.copy()
-    assert model.plan._pool.bytes > 0
+    assert model.plan._arenas._arenas[0].planned
     for _ in range(3):
         model(x2)
     _assert_same(y1, kept)

@@ -39,6 +39,8 @@ class Op:
     optional_weights: tuple[str, ...] = ()  # weights that may be absent (e.g. "bias")
     fixed_weights: tuple[str, ...] = ()     # stored but not learnable (BN statistics, a fixed basis)
     view: bool = False                      # the output is a view of input 0 (no buffer of its own)
+    arena_output: bool = False              # the output is new memory from buffers.empty, never a
+                                            # view of an input: a plan may lay it out in the arena
 
     # --- validation -----------------------------------------------------------------------
     def check_attrs(self, node: Node) -> None:

@@ -59,6 +59,7 @@ def _stages(node: Node) -> tuple[Node, Node]:
 @register
 class BasisConv2d(Op):
     name = "basis_conv2d"
+    arena_output = True
     weights = ("basis", "combine")
     optional_weights = ("bias",)
     fixed_weights = ("basis",)
@@ -139,6 +140,7 @@ class BasisConv2d(Op):
 @register
 class BasisLinear(Op):
     name = "basis_linear"
+    arena_output = True
     weights = ("basis", "combine")
     optional_weights = ("bias",)
     fixed_weights = ("basis",)

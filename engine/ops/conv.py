@@ -219,6 +219,7 @@ def conv2d_counted(x, weight, bias, stride, padding, dilation, groups, padding_m
 @register
 class Conv2d(Op):
     name = "conv2d"
+    arena_output = True
     weights = ("weight",)
     optional_weights = ("bias",)
 

@@ -1416,7 +1416,7 @@ def prepare_conv(x_shape, w1, bias, stride, padding, dilation, groups, ho, wo, w
     N = w2.shape[0] if two else GM
     M = GM // groups if two else None
     P = ho * wo
-    out_shape = (B, N, P)                           # (B, N, H'W'), recycled (buffers.py)
+    out_shape = (B, N, P)                           # (B, N, H'W'): the kernels' view of it
     code, a0, a1, done = act_code(act)
     has_res = residual is not None and residual == ((B, N, ho, wo), np.float32)
     add_after = residual is not None and not has_res   # broadcasting add: NumPy, after
@@ -1529,10 +1529,10 @@ def prepare_conv(x_shape, w1, bias, stride, padding, dilation, groups, ho, wo, w
                          BP < GM, BP < N, out[b0:b1], cols, s_buf, tmp, packs)
 
     def launch(x, residual):
-        out = empty(out_shape)
-        run(x, np.ascontiguousarray(residual).reshape(out_shape) if has_res else _NO_RES, out)
-        return residual_then_act(out.reshape(B, N, ho, wo), residual if add_after else None,
-                                 act_after)
+        out = empty((B, N, ho, wo))                 # the step's memory in a plan (buffers.py)
+        run(x, np.ascontiguousarray(residual).reshape(out_shape) if has_res else _NO_RES,
+            out.reshape(out_shape))
+        return residual_then_act(out, residual if add_after else None, act_after)
     return launch
 
 

@@ -34,6 +34,7 @@ def linear_counted(x, weight, bias):
 @register
 class Linear(Op):
     name = "linear"
+    arena_output = True
     weights = ("weight",)
     optional_weights = ("bias",)
 

@@ -43,6 +43,7 @@ def _affine(x, alpha, beta, res, has_res, act, a0, a1, out, T):
 @register
 class BatchNorm(PerElement):
     name = "batch_norm"
+    arena_output = True
     weights = ("running_mean", "running_var")
     optional_weights = ("weight", "bias")               # affine part; absent: 1 and 0
     fixed_weights = ("running_mean", "running_var")    # statistics, not trained by gradient

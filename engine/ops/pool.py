@@ -107,6 +107,7 @@ def _tap_span(n_out: int, size: int, k: int, s: int, p: int, d: int) -> tuple[in
 class _Pool2d(Op):
     """Shared attributes and output shape of max_pool2d / avg_pool2d (symmetric padding); the
     subclass's kernel is pool(node, x, geometry)."""
+    arena_output = True
 
     def check_attrs(self, node):
         k = ints(node, "kernel", 1, 2)
@@ -377,6 +378,7 @@ class AvgPool2d(_Pool2d):
 class AdaptiveAvgPool2d(Op):
     """Output cell i averages input [floor(i*H/o), ceil((i+1)*H/o)); a null size keeps H."""
     name = "adaptive_avg_pool2d"
+    arena_output = True
 
     def check_attrs(self, node):
         v = attr(node, "output_size", list)

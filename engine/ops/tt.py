@@ -207,6 +207,7 @@ def _contract_counted(t: np.ndarray, cores) -> tuple[np.ndarray, int]:
 class _TT(Op):
     """What both TT ops share: the chain of cores, its checks, the strategies and the counts."""
     n_inputs = 1
+    arena_output = True
     spatial = False                                         # a spatial core0 leads the chain
     contract_cost = 1.0     # "auto": a contraction MAC's time in the dense op's MACs (below)
 
