@@ -13,9 +13,11 @@ a TT conv (to_tt, ranks <= 16). ONNX Runtime runs the torch model of each (the B
 exports as basis conv + 1x1 conv, the same compressed graph), exported with torch.onnx.export.
 
 Every runtime gets 2 threads (torch.set_num_threads(2), ORT intra_op_num_threads=2, Numba's 2).
-Timing: per (model, batch), R rounds; each round runs every runtime in turn (order rotated) for
-one warm-up call then N timed calls, with a pause between runtimes so that spinning thread pools
-(ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls (and the min). Before
+Timing: per (net, batch), R rounds; each round runs every runtime in turn (order rotated), each
+runtime the net's variants (dense, BasisConv, TT) back to back (order rotated), each for one
+warm-up call then N timed calls, with a pause between runtimes so that spinning thread pools
+(ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls (and the min), and
+ratios (engine vs ORT, compressed vs dense) per round, whose phases of the machine cancel. Before
 and after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's BLAS, 2 threads); each
 result is also given as effective GFLOP/s (2 x the engine-counted MACs x batch / time) and as a
 fraction of that SGEMM rate. At batch 1 also a sporadic caller's latency: engine and ORT calls
@@ -29,6 +31,7 @@ drop below it before timing, and the load is recorded with the results.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -100,18 +103,22 @@ def sgemm_gflops(n: int = 2048, reps: int = 7) -> float:
 
 
 def interleaved(fns: dict, calls: int, rounds: int, pause: float = 0.25) -> dict:
-    """{name: per-call seconds} of each fn, run in turn `rounds` times (order rotated), each
-    time one warm-up call and `calls` timed calls, with `pause` s between runtimes."""
+    """{(model, runtime): per-call seconds} of each fn of fns {(model, runtime): fn}, run in
+    turn `rounds` times, each time one warm-up call and `calls` timed calls, with `pause` s
+    between runtimes. A round takes the runtimes in turn (order rotated), and each runtime its
+    models back to back (order rotated): a runtime's models meet the same phase of the machine."""
     times = {k: [] for k in fns}
-    names = list(fns)
+    runtimes = list(dict.fromkeys(r for _, r in fns))
+    models = list(dict.fromkeys(m for m, _ in fns))
     for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            f = fns[k]
-            f()
-            for _ in range(calls):
-                t = time.perf_counter()
+        for runtime in runtimes[r % len(runtimes):] + runtimes[:r % len(runtimes)]:
+            for model in models[r % len(models):] + models[:r % len(models)]:
+                f = fns[model, runtime]
                 f()
-                times[k].append(time.perf_counter() - t)
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    f()
+                    times[model, runtime].append(time.perf_counter() - t)
             time.sleep(pause)
     return times
 
@@ -205,59 +212,69 @@ def run(args) -> dict:
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
+
+    def torch_call(model, x):
+        with torch.no_grad():
+            model(x)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     res = {"rows": [], "load_start": wait_for_load(args.max_load, args.wait)}
     res["sgemm_start"] = sgemm_gflops()
     print(f"SGEMM (np.dot 2048^3 float32, {THREADS} threads): {res['sgemm_start']:.1f} GFLOP/s; "
           f"load {res['load_start']:.2f}", flush=True)
-    for name in args.models:
-        model = build(name)
-        h5, onnx = export(name, model, workdir)
-        m = engine.load(str(h5))
-        sess = ort.InferenceSession(str(onnx), so, providers=["CPUExecutionProvider"])
-        macs = m.count((1, 3, 32, 32)).total["macs"]
+    for net in dict.fromkeys(name.split("-")[0] for name in args.models):
+        # a net's variants run interleaved: their time ratios (compressed vs dense) per round
+        names = [name for name in args.models if name.startswith(net + "-")]
+        runs = {}
+        for name in names:
+            model = build(name)
+            h5, onnx = export(name, model, workdir)
+            m = engine.load(str(h5))
+            runs[name] = (model, m, ort.InferenceSession(str(onnx), so,
+                                                         providers=["CPUExecutionProvider"]),
+                          m.count((1, 3, 32, 32)).total["macs"])
         for B in args.batches:
             x = np.random.default_rng(B).standard_normal((B, 3, 32, 32), dtype=np.float32)
             xt = torch.from_numpy(x)
-            with torch.no_grad():
-                want = model(xt).numpy()
-            got_e, got_o = m(x), sess.run(None, {"x": x})[0]
-            scale = float(np.abs(want).max())
-            err = {"engine": float(np.abs(got_e - want).max()) / scale,
-                   "ort": float(np.abs(got_o - want).max()) / scale}
-
-            def torch_call():
+            fns, errs = {}, {}
+            for name, (model, m, sess, _) in runs.items():
                 with torch.no_grad():
-                    model(xt)
-            fns = {"engine": lambda: m(x), "pytorch": torch_call,
-                   "onnxruntime": lambda: sess.run(None, {"x": x})}
+                    want = model(xt).numpy()
+                got_e, got_o = m(x), sess.run(None, {"x": x})[0]
+                scale = float(np.abs(want).max())
+                errs[name] = {"engine": float(np.abs(got_e - want).max()) / scale,
+                              "ort": float(np.abs(got_o - want).max()) / scale}
+                fns[name, "engine"] = functools.partial(m, x)
+                fns[name, "pytorch"] = functools.partial(torch_call, model, xt)
+                fns[name, "onnxruntime"] = functools.partial(sess.run, None, {"x": x})
             calls = args.calls if B > 1 else args.calls * 4
             times = interleaved(fns, calls, args.rounds)
-            row = {"model": name, "batch": B, "macs": macs, "err": err}
-            for k, ts in times.items():
-                med = statistics.median(ts)
-                row[k] = {"ms": med * 1e3, "min_ms": min(ts) * 1e3, "img_s": B / med,
-                          "gflops": 2 * macs * B / med / 1e9,
-                          "rounds": [statistics.median(ts[r * calls:(r + 1) * calls])
-                                     for r in range(args.rounds)]}
-            # ORT / engine per round: the machine's slow and fast phases (often 1.5x apart on a
-            # shared machine) cancel in these where they outlast a round (a second or two)
-            row["vs_ort_rounds"] = sorted(o / e for o, e in zip(row["onnxruntime"]["rounds"],
-                                                                 row["engine"]["rounds"]))
-            if B == 1:
-                row["idle"] = after_idle({k: fns[k] for k in ("engine", "onnxruntime")})
-                print(f"{name:15s} B=1   after {IDLE_GAP * 1e3:.0f} ms idle: engine "
-                      f"{row['idle']['engine'] * 1e3:.2f} ms  ORT "
-                      f"{row['idle']['onnxruntime'] * 1e3:.2f} ms", flush=True)
-            res["rows"].append(row)
-            e, o, p = row["engine"], row["onnxruntime"], row["pytorch"]
-            lo, hi = row["vs_ort_rounds"][0], row["vs_ort_rounds"][-1]
-            print(f"{name:15s} B={B:<3d} engine {e['ms']:8.2f} ms  ORT {o['ms']:8.2f} ms  "
-                  f"torch {p['ms']:8.2f} ms   engine/ORT speed {o['ms'] / e['ms']:.2f}x "
-                  f"(rounds {lo:.2f}-{hi:.2f})  engine {e['gflops']:.0f} GFLOP/s  "
-                  f"err {err['engine']:.1e}", flush=True)
-        m = sess = None   # free the model and session before the next one loads
+            for name, (_, m, _, macs) in runs.items():
+                row = {"model": name, "batch": B, "macs": macs, "err": errs[name]}
+                for k in ("engine", "pytorch", "onnxruntime"):
+                    ts = times[name, k]
+                    med = statistics.median(ts)
+                    row[k] = {"ms": med * 1e3, "min_ms": min(ts) * 1e3, "img_s": B / med,
+                              "gflops": 2 * macs * B / med / 1e9,
+                              "rounds": [statistics.median(ts[r * calls:(r + 1) * calls])
+                                         for r in range(args.rounds)]}
+                # ORT / engine per round: the machine's slow and fast phases (often 1.5x apart
+                # on a shared machine) cancel in these where they outlast a round
+                row["vs_ort_rounds"] = sorted(o / e for o, e in zip(row["onnxruntime"]["rounds"],
+                                                                     row["engine"]["rounds"]))
+                if B == 1:
+                    row["idle"] = after_idle({k: fns[name, k] for k in ("engine", "onnxruntime")})
+                    print(f"{name:15s} B=1   after {IDLE_GAP * 1e3:.0f} ms idle: engine "
+                          f"{row['idle']['engine'] * 1e3:.2f} ms  ORT "
+                          f"{row['idle']['onnxruntime'] * 1e3:.2f} ms", flush=True)
+                res["rows"].append(row)
+                e, o, p = row["engine"], row["onnxruntime"], row["pytorch"]
+                lo, hi = row["vs_ort_rounds"][0], row["vs_ort_rounds"][-1]
+                print(f"{name:15s} B={B:<3d} engine {e['ms']:8.2f} ms  ORT {o['ms']:8.2f} ms  "
+                      f"torch {p['ms']:8.2f} ms   engine/ORT speed {o['ms'] / e['ms']:.2f}x "
+                      f"(rounds {lo:.2f}-{hi:.2f})  engine {e['gflops']:.0f} GFLOP/s  "
+                      f"err {errs[name]['engine']:.1e}", flush=True)
+        runs = fns = None   # free the models and sessions before the next net loads
     res["sgemm_end"] = sgemm_gflops()
     res["load_end"] = os.getloadavg()[0]
     print(f"SGEMM at the end: {res['sgemm_end']:.1f} GFLOP/s; load {res['load_end']:.2f}")
@@ -322,11 +339,15 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
                     d, c = by.get((f"{net}-dense", B)), by.get((f"{net}-{variant}", B))
                     if d and c:
                         red = d["macs"] / c["macs"]
-                        s = {k: d[k]["ms"] / c[k]["ms"] for k in ("engine", "onnxruntime", "pytorch")}
+                        s = {k: sorted(a / b for a, b in zip(d[k]["rounds"], c[k]["rounds"]))
+                             for k in ("engine", "onnxruntime", "pytorch")}
+                        mid = {k: statistics.median(v) for k, v in s.items()}
                         speedups.append(
-                            f"| {net} {variant} | {B} | {red:.2f}x | {s['engine']:.2f}x "
-                            f"({s['engine'] / red:.2f} of the MAC reduction) | {s['onnxruntime']:.2f}x | "
-                            f"{s['pytorch']:.2f}x |")
+                            f"| {net} {variant} | {B} | {red:.2f}x | {mid['engine']:.2f}x "
+                            f"({mid['engine'] / red:.2f} of the MAC reduction; rounds "
+                            f"{s['engine'][0] / red:.2f}-{s['engine'][-1] / red:.2f}) | "
+                            + " | ".join(f"{mid[k]:.2f}x ({mid[k] / red:.2f})"
+                                         for k in ("onnxruntime", "pytorch")) + " |")
         idle = [r for r in res["rows"] if "idle" in r]
         if idle:
             lines += ["", f"Batch 1 for a sporadic caller: each call after {IDLE_GAP * 1e3:.0f} ms "
@@ -337,7 +358,10 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
                       f"{r['idle']['onnxruntime'] * 1e3:.2f} | "
                       f"{r['idle']['onnxruntime'] / r['idle']['engine']:.2f}x |" for r in idle]
         if speedups:
-            lines += ["", "Compressed vs dense, time speedup per runtime:", "",
+            lines += ["", "Compressed vs dense, time speedup per runtime: the median over the "
+                      "rounds of each round's dense time / compressed time (in a round a runtime "
+                      "runs a net's variants back to back), in brackets its fraction of the MAC "
+                      "reduction (for the engine also its range over the rounds):", "",
                       "| model | batch | MAC reduction | engine | ORT | PyTorch |", "|---|---|---|---|---|---|",
                       *speedups]
     if cs:
@@ -375,8 +399,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=MODEL_NAMES, choices=MODEL_NAMES)
     p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 16])
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per (model, batch)")
-    p.add_argument("--calls", type=int, default=5, help="timed calls per runtime per round (x4 at batch 1)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per (net, batch)")
+    p.add_argument("--calls", type=int, default=4,
+                   help="timed calls per model and runtime per round (x4 at batch 1)")
     p.add_argument("--max-load", type=float, default=2.5, help="wait for the load average to drop below")
     p.add_argument("--wait", type=float, default=600, help="seconds to wait for it at most")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "basisconv-speed"),

@@ -1192,7 +1192,9 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
     Grid1: the basis responses, or a conv's output, over the
     input grid (filters rounded up to MR, Wq corners per output row) where that computes fewer
     MACs than the tiles (filters rounded up to NR), or always when the tiles may not be used
-    (tiles False: a conv with K < DIRECT_MIN_K); its blocks are sized with the responses."""
+    (tiles False: a conv with K < DIRECT_MIN_K); its blocks are sized with the responses, and
+    its bands split an image evenly by rows, not by whole tiles (at batch 1 on 2 threads 32
+    rows went as 18 + 14, the grid rounded 18 x 34 corners up to 624)."""
     image = C * sh * sw * Hq * Wq               # values of one image's padded input
     halo = (kh - 1) * dh // sh
     need = K * N if M is None else (K + N) * M  # weights = MACs needed per position
@@ -1217,7 +1219,8 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
             nb = -(-ho // band)                 # bands per image; at batch 1 a multiple of T
             if B < T:
                 nb = -(-nb // -(-T // B)) * -(-T // B)
-            per_block = -(-ho // (nb * NY)) * NY     # even bands of whole tiles
+            unit = 1 if grid1 else NY            # even bands (of whole tiles)
+            per_block = -(-ho // (nb * unit)) * unit
             # (a band as tall as the image is a whole image to the kernel: all Hq rows copied)
             blocks = B * -(-ho // per_block)
             rows_in = Hq if per_block >= ho else min(Hq, per_block + halo)
