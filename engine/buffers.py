@@ -4,9 +4,8 @@ share one), and
 
 - an op's output (`empty`) is the view of the arena's activation block the plan laid out for
   that step (Plan._layout: steps whose outputs are alive at the same time get disjoint
-  memory), when the step's op asks for exactly that shape and dtype; else, and always outside
-  Plan.run, a new array. Graph outputs and whatever may alias them are never laid out: the
-  caller owns them;
+  memory), if the step's first request fits it; else, and always outside Plan.run, a new
+  array. Graph outputs and whatever may alias them are never laid out: the caller owns them;
 - a kernel's scratch (`scratch`: padded inputs, im2col panels, partial sums) is carved from
   the arena's scratch block (valid until the next `scratch` of the call).
 
@@ -80,9 +79,8 @@ _CURRENT: ContextVar[_Arena | None] = ContextVar("engine_arena", default=None)
 
 
 def empty(shape: tuple, dtype=np.float32) -> np.ndarray:
-    """An op's output: inside Plan.run the step's planned memory when the step asks first for
-    an array that fits it (float32, at most its size; a view of the planned shape is
-    free), else np.empty."""
+    """An op's output: inside Plan.run, for the step's first request, its planned memory if
+    that fits (float32, at most its size; the planned shape needs no reshape), else np.empty."""
     arena = _CURRENT.get()
     if arena is not None and arena.out is not None:
         out, arena.out = arena.out, None
