@@ -186,8 +186,9 @@ class Plan:
         be a view of an input, or NumPy's new array) and outputs the caller gets (a graph output
         or anything it may view). An output is alive from its step to the last step reading it
         or a tensor that may view it; outputs alive at once get disjoint ranges (first fit)."""
-        within = {t.name: () for t in self.graph.inputs}  # tensor -> steps whose output it
-        last = {}                                          # may view; step -> its last reader
+        # within: tensor -> the steps whose output it may view; last: step -> its last reader
+        within = {t.name: () for t in self.graph.inputs}
+        last = {}
         for i, st in enumerate(self.steps):
             reads = [*st.node.inputs, *([st.residual] if st.residual else [])]
             for t in reads:
