@@ -144,7 +144,7 @@ def conv2d_fast(x, weight, bias, stride, padding, dilation, groups, padding_mode
                            act, residual_key(residual))(x, residual)
     ho, wo = conv_out_hw(H, W, kh, kw, stride, padding, dilation)
     xp = pad2d(x, padding, padding_mode)  # (B, C, H + top + bottom, W + left + right)
-    out = empty((B, N, ho, wo))                     # (B, N, H', W'), recycled (buffers.py)
+    out = empty((B, N, ho, wo))                     # (B, N, H', W'): the step's arena memory
     bias_n = bias if bias is not None else np.zeros(N, np.float32)  # (N)
     _depthwise(xp, weight.reshape(N, kh, kw), bias_n, *stride, *dilation, out)
     return residual_then_act(out, residual, act)

@@ -91,7 +91,7 @@ class BatchNorm(PerElement):
         x = np.ascontiguousarray(xs[0], np.float32)
         alpha, beta = self.scale_shift(node)          # (C) each
         B, C = x.shape[0], x.shape[1]
-        out = empty(x.shape)                          # recycled (buffers.py)
+        out = empty(x.shape)                          # the step's arena memory (buffers.py)
         code, a0, a1, done = act_code(act)
         fused = residual is not None and residual.shape == x.shape and residual.dtype == np.float32
         if residual is not None and not fused:      # NumPy broadcasts it, then the activation

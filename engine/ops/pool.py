@@ -243,7 +243,7 @@ def _run_pool(x, geometry, avg, include_pad=0, divisor=0):
     ph, pw, dh, dw); 2x2 stride-2 unpadded max pooling by _max2x2."""
     ho, wo, kh, kw, sh, sw, ph, pw, dh, dw = geometry
     B, C, H, W = x.shape
-    out = empty((B, C, ho, wo))                     # (B, C, H', W'), recycled (buffers.py)
+    out = empty((B, C, ho, wo))                     # (B, C, H', W'): the step's arena memory
     if not avg and (kh, kw, sh, sw, ph, pw, dh, dw) == (2, 2, 2, 2, 0, 0, 1, 1) \
             and 2 * ho <= H and 2 * wo <= W:
         _max2x2(x.reshape(B * C, H, W), out.reshape(B * C, ho, wo), threads())
