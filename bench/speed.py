@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from engine.timing import interleaved, round_medians  # noqa: E402 (after the path)
+
 HEADING = "## Speed"
 THREADS = 2
 IDLE_GAP = 0.1   # s of sleep before each batch-1 call of the sporadic-caller measure
@@ -100,27 +102,6 @@ def sgemm_gflops(n: int = 2048, reps: int = 7) -> float:
         ts.append(time.perf_counter() - t)
     time.sleep(0.3)       # OpenBLAS's threads spin for a while after a call
     return 2 * n ** 3 / statistics.median(ts) / 1e9
-
-
-def interleaved(fns: dict, calls: int, rounds: int, pause: float = 0.25) -> dict:
-    """{(model, runtime): per-call seconds} of each fn of fns {(model, runtime): fn}, run in
-    turn `rounds` times, each time one warm-up call and `calls` timed calls, with `pause` s
-    between runtimes. A round takes the runtimes in turn (order rotated), and each runtime its
-    models back to back (order rotated): a runtime's models meet the same phase of the machine."""
-    times = {k: [] for k in fns}
-    runtimes = list(dict.fromkeys(r for _, r in fns))
-    models = list(dict.fromkeys(m for m, _ in fns))
-    for r in range(rounds):
-        for runtime in runtimes[r % len(runtimes):] + runtimes[:r % len(runtimes)]:
-            for model in models[r % len(models):] + models[:r % len(models)]:
-                f = fns[model, runtime]
-                f()
-                for _ in range(calls):
-                    t = time.perf_counter()
-                    f()
-                    times[model, runtime].append(time.perf_counter() - t)
-            time.sleep(pause)
-    return times
 
 
 def after_idle(fns: dict, calls: int = 20, gap: float = IDLE_GAP) -> dict:
@@ -256,8 +237,7 @@ def run(args) -> dict:
                     med = statistics.median(ts)
                     row[k] = {"ms": med * 1e3, "min_ms": min(ts) * 1e3, "img_s": B / med,
                               "gflops": 2 * macs * B / med / 1e9,
-                              "rounds": [statistics.median(ts[r * calls:(r + 1) * calls])
-                                         for r in range(args.rounds)]}
+                              "rounds": round_medians(ts, calls)}
                 # ORT / engine per round: the machine's slow and fast phases (often 1.5x apart
                 # on a shared machine) cancel in these where they outlast a round
                 row["vs_ort_rounds"] = sorted(o / e for o, e in zip(row["onnxruntime"]["rounds"],

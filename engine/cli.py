@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from .errors import EngineError
+from .errors import EngineError, InputError
 
 INSTALL_HINT = {
     "torch": "pip install torch==2.13.0 'basisconv[torch]'  (the pinned torch is the CPU build)",
@@ -192,7 +192,9 @@ def cmd_count(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    """The engine's own speed on this model file: latency / throughput at --batch."""
+    """The engine's speed on this model file at --batch, alone or against ONNX Runtime (--onnx,
+    or the --torch model exported) and PyTorch eager (--torch), interleaved on the same inputs
+    with as many threads each."""
     import statistics
     import time
 
@@ -200,8 +202,10 @@ def cmd_bench(a) -> int:
 
     from . import load
     from .count import reference_input_shapes
+    from .timing import interleaved, round_medians
     if a.threads:
         numba.set_num_threads(a.threads)
+    threads = numba.get_num_threads()
     model = load(a.model)
     shapes = ([tuple(s) for s in a.input_shape] if a.input_shape
               else list(reference_input_shapes(model, a.batch).values()))
@@ -210,33 +214,127 @@ def cmd_bench(a) -> int:
     x = xs[0] if len(xs) == 1 else xs
     macs = model.count(shapes[0] if len(shapes) == 1 else shapes).total["macs"]
     t0 = time.perf_counter()
-    model(x)
+    want = _outputs(model(x))
     first = time.perf_counter() - t0
-    for _ in range(a.warmup):
-        model(x)
-    times = []
-    deadline = time.perf_counter() + a.seconds
-    while len(times) < a.min_runs or time.perf_counter() < deadline:
+    fns = {"engine": lambda: model(x)}
+    errs = {}
+    for name, (fn, got) in _peers(a, xs, threads).items():
+        fns[name] = fn
+        errs[name] = _max_error(got, want, name)
+    for f in fns.values():
+        for _ in range(a.warmup):
+            f()
+    per_call = {}
+    for name, f in fns.items():
         t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
+        f()
+        per_call[name] = time.perf_counter() - t
+    rounds = a.rounds if len(fns) > 1 else 1
+    calls = max(-(-a.min_runs // rounds), int(a.seconds / rounds / sum(per_call.values())))
+    times = interleaved({(a.model, k): f for k, f in fns.items()}, calls, rounds,
+                        pause=0.25 if len(fns) > 1 else 0.0)
     B = shapes[0][0]
-    result = {"model": a.model, "input_shapes": shapes, "threads": numba.get_num_threads(),
-              "first_call_s": first, "runs": len(times), "median_ms": med * 1e3,
-              "min_ms": min(times) * 1e3, "images_per_s": B / med, "macs": macs,
-              "gflops": 2 * macs / med / 1e9}
+    runtimes = {}
+    for name in fns:
+        ts = times[a.model, name]
+        med = statistics.median(ts)
+        runtimes[name] = {"median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "images_per_s": B / med,
+                          "gflops": 2 * macs / med / 1e9, "runs": len(ts)}
+        if name != "engine":   # its time / the engine's, per round (> 1: the engine is faster)
+            ratios = sorted(p / e for p, e in zip(round_medians(ts, calls),
+                                                  round_medians(times[a.model, "engine"], calls)))
+            runtimes[name].update(engine_speedup=statistics.median(ratios),
+                                  engine_speedup_rounds=[ratios[0], ratios[-1]],
+                                  max_error_vs_engine=errs[name])
+    result = {"model": a.model, "input_shapes": shapes, "threads": threads, "first_call_s": first,
+              "macs": macs, "rounds": rounds, "calls_per_round": calls, **runtimes.pop("engine"),
+              "peers": runtimes}
+    for name, r in runtimes.items():
+        if r["max_error_vs_engine"] > 1e-3:
+            print(f"warning: {name}'s outputs differ from the engine's by "
+                  f"{r['max_error_vs_engine']:.1e} of their largest value: not the same model?",
+                  file=sys.stderr)
     if a.json:
         print(json.dumps(result))
         return 0
-    print(f"{a.model}: input {', '.join(map(str, shapes))}, {result['threads']} Numba threads, "
-          f"{macs:,} MACs per call")
-    print(f"first call {first * 1e3:.1f} ms (includes loading compiled kernels); {len(times)} timed "
-          f"runs: median {med * 1e3:.3f} ms, min {min(times) * 1e3:.3f} ms, {B / med:,.1f} images/s, "
-          f"{result['gflops']:.1f} GFLOP/s effective")
-    print("engine only: comparing with PyTorch / ONNX Runtime needs the torch model; see "
-          "bench/speed.py (python bench/speed.py --help)")
+    print(f"{a.model}: input {', '.join(map(str, shapes))}, {threads} threads, {macs:,} MACs per "
+          f"call; first call {first * 1e3:.1f} ms (includes loading compiled kernels)")
+    print(f"{'runtime':12s} {'median ms':>10s} {'min ms':>9s} {'images/s':>10s} {'GFLOP/s':>8s}"
+          + ("   engine speed vs it (rounds)   max error vs engine" if runtimes else ""))
+    for name, r in [("engine", result)] + list(runtimes.items()):
+        line = (f"{name:12s} {r['median_ms']:10.3f} {r['min_ms']:9.3f} {r['images_per_s']:10,.1f} "
+                f"{r['gflops']:8.1f}")
+        if name != "engine":
+            lo, hi = r["engine_speedup_rounds"]
+            line += (f"   {r['engine_speedup']:5.2f}x ({lo:.2f}-{hi:.2f}){'':11s}"
+                     f"{r['max_error_vs_engine']:.1e}")
+        print(line)
+    if not runtimes:
+        print("engine only: --onnx FILE.onnx adds ONNX Runtime, --torch FILE.py:FACTORY PyTorch "
+              "(and ONNX Runtime on its export)")
     return 0
+
+
+def _outputs(y) -> list[np.ndarray]:
+    """A model's output(s) as a list of arrays."""
+    return [np.asarray(v) for v in (y if isinstance(y, (tuple, list)) else (y,))]
+
+
+def _max_error(got: list, want: list, name: str) -> float:
+    """max |got - want| / max |want| over the outputs (want: the engine's)."""
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        raise InputError(f"{name}'s outputs {[g.shape for g in got]} do not match the model "
+                         f"file's {[w.shape for w in want]}: not the same model?")
+    scale = max(float(np.abs(w).max()) for w in want) or 1.0
+    return max(float(np.abs(g - w).max()) for g, w in zip(got, want)) / scale
+
+
+def _peers(a, xs: tuple, threads: int) -> dict:
+    """{runtime: (call, its outputs on xs)}: ONNX Runtime on --onnx, or on the --torch model's
+    export when onnxruntime is installed, and PyTorch eager on --torch; `threads` threads each."""
+    import importlib.util
+    import tempfile
+    peers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = a.onnx
+        if a.torch:
+            torch = need("torch")
+            from converters.loading import load_factory
+            torch.set_num_threads(threads)
+            net = load_factory(a.torch, a.state_dict).eval()
+            xt = tuple(torch.from_numpy(x) for x in xs)
+
+            def torch_call():
+                with torch.no_grad():
+                    return net(*xt)
+            peers["pytorch"] = (torch_call, _outputs(torch_call()))
+            if onnx_path is None and importlib.util.find_spec("onnxruntime"):
+                import warnings
+                onnx_path = f"{tmp}/model.onnx"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")    # the exporter's notes on its own choices
+                    torch.onnx.export(net, xt, onnx_path, dynamo=False)
+        if onnx_path is not None:
+            ort = need("onnxruntime")
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            try:                 # (the session keeps the model: the export may go after)
+                session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+            except Exception as e:   # ORT's own types: a file it cannot read, or run on CPU
+                raise InputError(f"ONNX Runtime cannot load {onnx_path}: {e}") from None
+            names = [i.name for i in session.get_inputs()]
+            if len(names) != len(xs):
+                raise InputError(f"the ONNX model takes {len(names)} input(s), the model file "
+                                 f"{len(xs)}")
+            feed = dict(zip(names, xs))
+            try:
+                got = _outputs(session.run(None, feed))
+            except Exception as e:
+                raise InputError(f"ONNX Runtime cannot run {onnx_path} on inputs "
+                                 f"{[x.shape for x in xs]}: {e}") from None
+            peers = {"onnxruntime": (lambda: session.run(None, feed), got), **peers}
+    return peers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "what they execute; exit 1 if any node differs from its analytic count")
     k.set_defaults(func=cmd_count)
 
-    e = sub.add_parser("bench", help="the engine's latency / throughput on a model file (no torch; "
-                       "peer comparison: bench/speed.py)")
+    e = sub.add_parser("bench", help="the engine's latency / throughput on a model file, alone or "
+                       "against ONNX Runtime and PyTorch on the same inputs")
     e.add_argument("model")
     e.add_argument("--batch", type=int, default=1, metavar="N", help="batch size (default 1)")
     e.add_argument("--input-shape", type=shape_arg, action="append",
@@ -318,7 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seconds", type=float, default=3.0, help="time budget of the timed runs")
     e.add_argument("--min-runs", type=int, default=10)
     e.add_argument("--warmup", type=int, default=3)
-    e.add_argument("--threads", type=int, help="Numba threads (default: all cores)")
+    e.add_argument("--threads", type=int, help="threads of every runtime (default: all cores)")
+    e.add_argument("--onnx", metavar="FILE.onnx", help="also time ONNX Runtime on this export of "
+                   "the model (needs onnxruntime)")
+    e.add_argument("--torch", metavar="FILE.py:FACTORY", help="also time PyTorch eager on this "
+                   "model (as convert loads it), and ONNX Runtime on its export unless --onnx "
+                   "(needs torch; onnx and onnxruntime for the export)")
+    e.add_argument("--state-dict", help="--torch's weights (torch.load(weights_only=True))")
+    e.add_argument("--rounds", type=int, default=7, help="with peers: rounds of interleaved calls "
+                   "(the engine's speed vs each is the median of the rounds' ratios)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_bench)
     return p

@@ -607,7 +607,67 @@ def test_cli_bench_times_the_engine_alone(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["input_shapes"] == [[3, 3, 8, 8]] and out["runs"] >= 2 and out["macs"] == 3 * 4 * 64 * 27
     assert main(["bench", str(path), "--seconds", "0.05", "--min-runs", "2"]) == 0
-    assert "bench/speed.py" in capsys.readouterr().out
+    assert "engine only: --onnx" in capsys.readouterr().out
+
+
+NETS = """import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+
+
+def wider():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1)).eval()
+"""
+
+
+def test_cli_bench_against_onnx_runtime_and_pytorch(tmp_path, capsys):
+    """--torch times PyTorch eager, and ONNX Runtime on its export, beside the engine (each
+    output checked against the engine's first); --onnx takes a given export; another model or
+    an unreadable export is refused by name."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from engine.cli import main
+    src, h5, onnx = tmp_path / "nets.py", tmp_path / "m.h5", tmp_path / "m.onnx"
+    src.write_text(NETS)
+    assert main(["convert", f"{src}:build", "--input-shape", "1,3,8,8", "-o", str(h5)]) == 0
+    capsys.readouterr()
+    bench = ["bench", str(h5), "--batch", "2", "--seconds", "0.05", "--min-runs", "4",
+             "--rounds", "2", "--json"]
+    assert main(bench + ["--torch", f"{src}:build"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["input_shapes"] == [[2, 3, 8, 8]] and out["rounds"] == 2 and out["runs"] >= 4
+    assert list(out["peers"]) == ["onnxruntime", "pytorch"]
+    for peer in out["peers"].values():
+        assert peer["max_error_vs_engine"] <= 1e-5 and peer["runs"] == out["runs"]
+        lo, hi = peer["engine_speedup_rounds"]
+        assert 0 < lo <= peer["engine_speedup"] <= hi
+
+    from converters.loading import load_factory
+    net = load_factory(f"{src}:build")
+    torch.onnx.export(net, torch.zeros(2, 3, 8, 8), str(onnx), dynamo=False)
+    assert main(bench[:-1] + ["--onnx", str(onnx)]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime" in text and "pytorch" not in text
+    with torch.no_grad():
+        net[0].weight.mul_(2)
+    torch.onnx.export(net, torch.zeros(2, 3, 8, 8), str(onnx), dynamo=False)
+    assert main(bench + ["--onnx", str(onnx)]) == 0     # runs: the error says it differs
+    out, err = capsys.readouterr()
+    assert json.loads(out)["peers"]["onnxruntime"]["max_error_vs_engine"] > 0.1
+    assert "not the same model?" in err
+
+    assert main(bench + ["--torch", f"{src}:wider"]) == 1
+    assert "not the same model" in capsys.readouterr().err
+    onnx.write_bytes(b"not an onnx file")
+    assert main(bench + ["--onnx", str(onnx)]) == 1
+    assert "ONNX Runtime cannot load" in capsys.readouterr().err
 
 
 def vector_width_child(width):

@@ -1,0 +1,35 @@
+"""Timing runtimes against each other on one machine (`basisconv bench`, bench/speed.py).
+
+Calls are interleaved, not run one runtime after the other: a shared machine's slow and fast
+phases (often 1.5x apart, lasting seconds to minutes) then fall on every runtime alike, and the
+ratios of each round's medians cancel them."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def interleaved(fns: dict, calls: int, rounds: int, pause: float = 0.25) -> dict:
+    """{(model, runtime): per-call seconds} of each fn of fns {(model, runtime): fn}, run in
+    turn `rounds` times, each time one warm-up call and `calls` timed calls, with `pause` s
+    between runtimes. A round takes the runtimes in turn (order rotated), and each runtime its
+    models back to back (order rotated): a runtime's models meet the same phase of the machine."""
+    times = {k: [] for k in fns}
+    runtimes = list(dict.fromkeys(r for _, r in fns))
+    models = list(dict.fromkeys(m for m, _ in fns))
+    for r in range(rounds):
+        for runtime in runtimes[r % len(runtimes):] + runtimes[:r % len(runtimes)]:
+            for model in models[r % len(models):] + models[:r % len(models)]:
+                f = fns[model, runtime]
+                f()
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    f()
+                    times[model, runtime].append(time.perf_counter() - t)
+            time.sleep(pause)
+    return times
+
+
+def round_medians(ts: list, calls: int) -> list:
+    """The median of each round's `calls` timed calls (interleaved's per-call list)."""
+    return [statistics.median(ts[i:i + calls]) for i in range(0, len(ts), calls)]
