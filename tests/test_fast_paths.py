@@ -76,6 +76,10 @@ CASES = [
     (2, 24, 64, 16, 15, 3, 3, (2, 2), (1, 0, 1, 2), (1, 1), 1),   # direct, stride phases
     (2, 16, 64, 15, 16, 3, 3, (1, 1), (2, 1, 2, 1), (2, 1), 1),   # direct, dilated
     (4, 36, 40, 14, 14, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # direct, basis grid, 2 images
+    (4, 36, 40, 32, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # ... the output's positions
+    (2, 3, 20, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # ... a conv's, part strip
+    (1, 3, 24, 32, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # ... a conv's, in bands
+    (2, 36, 24, 14, 14, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),   # basis grid, whole strips
     (1, 8, 24, 28, 1, 3, 2, (1, 1), (1, 0, 0, 2), (2, 2), 1),     # a tap reading padding only
     (2, 3, 24, 16, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # direct conv over the grid
     (2, 3, 24, 90, 90, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # direct conv over the grid, bands
@@ -210,8 +214,13 @@ def test_cases_cover_every_conv_path():
                               "streamed" if gemm._streamed(narrow, per_block, wo)
                               else "grouped" if cb == gemm.CHANNEL_BLOCK else "plain"))
                 if grid1:
+                    # (the output's positions alone, W' a multiple of NR: its whole strips of
+                    # MR channels straight into the output, a part strip through the stage)
                     seen.add(("direct", "grid1" if M else "grid conv", "images" if per_block > ho
-                              else "bands" if per_block < ho else "image"))
+                              else "bands" if per_block < ho else "image",
+                              "output grid" if wo % gemm.NR == 0 else "wide grid"))
+                    seen.add(("direct", "grid1" if M else "grid conv", "part strip",
+                              N % gemm.MR != 0, wo % gemm.NR == 0))
                     seen.add(("direct", "grid1" if M else "grid conv", "stride", stride))
             elif plan.how == "packed":
                 seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
@@ -237,9 +246,13 @@ def test_cases_cover_every_conv_path():
             ("direct", "basis", True), ("direct", "channel block", 1),
             *{("direct", tile, kind) for tile in ("wide", "narrow")
               for kind in ("plain", "streamed", "grouped")},
-            ("direct", "channel block", gemm.CHANNEL_BLOCK), ("direct", "grid1", "images"),
-            ("direct", "grid1", "bands"), ("direct", "grid1", "image"),
-            ("direct", "grid conv", "bands"), ("direct", "grid conv", "image"),
+            ("direct", "channel block", gemm.CHANNEL_BLOCK),
+            *{("direct", "grid1", blocks, grid) for blocks in ("images", "bands", "image")
+              for grid in ("output grid", "wide grid")},
+            *{("direct", "grid conv", blocks, grid) for blocks in ("bands", "image")
+              for grid in ("output grid", "wide grid")},
+            *{("direct", kind, "part strip", part, grid) for kind in ("grid1", "grid conv")
+              for part in (False, True) for grid in (False, True)},
             ("direct", "grid1", "stride", (2, 2)), ("direct", "grid conv", "stride", (2, 2)),
             ("gather", "run", 8, "stride", 2), ("gather", "run", 4, "stride", 2)} <= seen
     # _pack_cols: whole tiles copied in runs of 8 and 4 columns, part tiles gathered

@@ -100,11 +100,11 @@ from numba.np.linalg import ensure_blas
 
 from ..buffers import empty, scratch
 from .activation import residual_then_act
-from .sgemm import (CHANNEL_BLOCK, DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _direct_narrow,
-                    _direct_narrow_grouped, _direct_narrow_streamed, _direct_wide,
+from .sgemm import (CHANNEL_BLOCK, DIRECT_NARROW_COST, DIRECT_TILES, KC, MR, NR, _activated,
+                    _direct_narrow, _direct_narrow_grouped, _direct_narrow_streamed, _direct_wide,
                     _direct_wide_grouped, _direct_wide_streamed, _evens4, _evens8, _micro,
-                    _run, _splat, _vec4, _vec8, _vector_ptr, pack_cols, pack_rows, pack_size,
-                    sgemm)
+                    _micro_finish, _run, _splat, _vec4, _vec8, _vector_ptr, pack_cols, pack_rows,
+                    pack_size, sgemm)
 
 PER_IMAGE_MIN = 256          # output positions per image from which images are split, not batched
 COLS_CAP = 1 << 20           # values of one task's im2col scratch (4 MB): bands are cut to fit
@@ -187,7 +187,7 @@ def _activation(v, act, lo, hi):
 def _epilogue_op(lanes, with_res):
     """An intrinsic f(dst, od, src, os, bv, res, orr, act, lo, hi): the epilogue of `lanes`
     values as whole vectors, dst[od + q] = act(src[os + q] + bv (+ res[orr + q] when with_res))
-    by _activation's rule (ordered compares and selects: NaN propagates the same way). As a
+    by _activation's rule (sgemm._activated: NaN propagates the same way). As a
     loop over values LLVM kept rows of up to 32 scalar (its vector body behind an overlap
     check): about a cycle a value, 10% of a 32x32 basis layer's time."""
     @intrinsic
@@ -206,19 +206,8 @@ def _epilogue_op(lanes, with_res):
             v = builder.fadd(builder.load(at(src_t, src, os_), align=4), splat(bv, bv_t))
             if with_res:
                 v = builder.fadd(v, builder.load(at(res_t, res, orr), align=4))
-            zero = ir.Constant(ir.VectorType(ir.FloatType(), lanes), [0.0] * lanes)
-            low, high = splat(lo, lo_t), splat(hi, hi_t)
-            negative = builder.fcmp_ordered("<", v, zero)
-            relu = builder.select(negative, zero, v)
-            clip = builder.select(builder.fcmp_ordered("<", v, low), low,
-                                  builder.select(builder.fcmp_ordered(">", v, high), high, v))
-            leaky = builder.select(negative, builder.fmul(v, low), v)
-            code = context.cast(builder, act, act_t, types.intp)
-
-            def is_(c):
-                return builder.icmp_signed("==", code, ir.Constant(code.type, c))
-            out = builder.select(is_(1), relu, builder.select(is_(2), clip,
-                                                              builder.select(is_(3), leaky, v)))
+            out = _activated(builder, v, context.cast(builder, act, act_t, types.intp),
+                             splat(lo, lo_t), splat(hi, hi_t))
             builder.store(out, at(dst_t, dst, od), align=4)
             return context.get_dummy_value()
         return sig, codegen
@@ -907,23 +896,46 @@ def _direct_row(narrow, streamed, grouped, k, src, xs, koff, roff, w, ow, c, oc,
 
 
 @njit(cache=True)
-def _grid_tiles(k, strips, a, oa, src, ld_src, boff, c, oc, ldc, images, ld_c, cols):
-    """The GEMM micro-kernel over each image's grid of window corners (the direct conv's grid1):
-    c[oc + (s*MR + i)*ldc + img*ld_c + g] = sum_p a[oa + (s*k + p)*MR + i] *
-    src[img*ld_src + boff[p] + g] for s < strips (MR-row panels of a), img < images, i < MR,
-    g < cols, in tiles of NR (the last one's spare columns land in the image's rounding up to
-    NR). Past KC taps, in blocks of KC, each block over every tile's strips in turn: a tile's
-    taps are then read from L1 for its next strip and the next tile (all K at once per strip,
-    from L2: M = 12 at 32x32, 85 -> 97 GFLOP/s a thread); up to KC, over every strip's tiles in
-    turn, so that a strip's rows of c are written in order (first layers: 1.1-1.25x faster)."""
-    tiles = -(-cols // NR)
-    per = 1 if k > KC else tiles            # tiles per _strip_tiles call
+def _grid_corners(tiles, per_row, ld_row):
+    """grid1's tiles' first window corners in a block's input: tile g's are the (g % per_row)-th
+    NR of row g // per_row, rows ld_row apart. One row a tile when W' is a multiple of NR (only
+    the output's corners computed, in its order), else per_row = tiles: the tiles run across
+    the grid's rows of Wq corners, the Wq - W' past each row computed and dropped."""
+    g = np.arange(tiles)
+    return g // per_row * ld_row + g % per_row * NR
+
+
+@njit(cache=True)
+def _grid_tiles(k, strips, a, oa, src, ld_src, toff, boff, c, oc, ldc, images, ld_c, tiles):
+    """The GEMM micro-kernel over each image's tiles of window corners (the direct conv's grid1):
+    c[oc + (s*MR + i)*ldc + img*ld_c + g*NR + j] = sum_p a[oa + (s*k + p)*MR + i] *
+    src[img*ld_src + toff[g] + boff[p] + j] for s < strips (MR-row panels of a), img < images,
+    i < MR, g < tiles, j < NR (toff: tile g's first corner). Past KC taps, in blocks of KC,
+    each block over every tile's strips in turn: a tile's taps are then read from L1 for its
+    next strip and the next tile (all K at once per strip, from L2: M = 12 at 32x32, 85 -> 97
+    GFLOP/s a thread); up to KC, over every strip's tiles in turn, so that a strip's rows of c
+    are written in order (first layers: 1.1-1.25x faster)."""
+    by_tile = k > KC
     for img in range(images):
         for k0 in range(0, k, KC):
-            for g in range(0, tiles, per):
-                _strip_tiles(min(KC, k - k0), a, oa + k0 * MR, k * MR, 0, strips, src,
-                             img * ld_src + g * NR, NR, per, boff, k0, c,
-                             oc + img * ld_c + g * NR, ldc, NR, k0 > 0)
+            for u in range(tiles if by_tile else strips):
+                for v in range(strips if by_tile else tiles):
+                    g, s = (u, v) if by_tile else (v, u)
+                    _micro(min(KC, k - k0), a, oa + (s * k + k0) * MR, src,
+                           img * ld_src + toff[g], boff, k0, c,
+                           oc + s * MR * ldc + img * ld_c + g * NR, ldc, k0 > 0)
+
+
+@njit(cache=True)
+def _grid_strip_out(k, a, oa, src, os_, toff, boff, tiles, out, oo, P, bias, n0, res, has_res,
+                    act, a0, a1):
+    """One MR-row strip of grid1's tiles (k <= KC) straight into out with the epilogue
+    (sgemm._micro_finish): out[oo + i*P + g*NR + j] = act(sum_p a[oa + p*MR + i] *
+    src[os_ + toff[g] + boff[p] + j] + bias[n0 + i] (+ res at out's offset)), i < MR,
+    g < tiles, j < NR: output channels n0.. of an image's (or band's) W'-aligned positions."""
+    for g in range(tiles):
+        _micro_finish(k, a, oa, src, os_ + toff[g], boff, 0, out, oo + g * NR, P, bias, n0,
+                      res, has_res, act, np.float32(a0), np.float32(a1))
 
 
 @njit(cache=True, parallel=True)
@@ -944,16 +956,18 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     (Mp, RB, ld), then combines them by the same micro-kernel (a 1x1 conv of M channels over
     them). grid1 (copy): the responses by the GEMM micro-kernel instead (wt =
     pack_rows(basis)), MR basis filters x NR adjacent window corners of the block's input grid
-    (rows of Wq corners of the first stride phase, the Wq - W' past each row computed and
-    dropped), so that a few filters (M = 12) fill the tile: the vectors run along the image,
-    not the filters; the combine then runs over the grid too (ct = pack_rows(combine)), MR
-    output channels at a time into the stage (MR, S1), whose rows get the epilogue. A conv
-    with grid1 (wt = pack_rows(weight)) is the first stage alone, its responses the output
-    (K < DIRECT_MIN_K: first layers).
+    (the first stride phase's; _grid_corners), so that a few filters (M = 12) fill the tile:
+    the vectors run along the image, not the filters; the combine then runs over the grid too
+    (ct = pack_rows(combine)), MR output channels at a time. A conv with grid1 (wt =
+    pack_rows(weight)) is the first stage alone (K < DIRECT_MIN_K: first layers). Where the
+    grid is the output's positions (W' a multiple of NR) and a strip sums one tile's taps
+    (<= KC), each whole strip of MR output channels goes straight into out with the epilogue
+    (_grid_strip_out: 32x32 basis layers at batch 16 0.92-0.96 of the time, first convs
+    0.70-0.72); else into the stage (MR, S1), whose rows get the epilogue.
     ws: a row per thread: the stage (NR, NY, ld), ld = W' rounded up to TX, or with grid1
     (MR, S1); the responses (two or grid1): (Mp, RB, ld), RB = per_block rounded up to NY, or
-    with grid1 (Mp, S1), S1 = images x G, G = an image's grid rows x Wq rounded up to NR; the
-    block's input and a zero margin (copy only)."""
+    with grid1 (Mp, S1), S1 = images x G, G = an image's grid rows x W' (or x Wq rounded up to
+    NR: _grid_corners); the block's input and a zero margin (copy only)."""
     B, C = x.shape[0], x.shape[1]
     N, P = out.shape[1], out.shape[2]
     NY, TX = DIRECT_TILES[1] if narrow else DIRECT_TILES[0]
@@ -968,7 +982,12 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     rows = B * ho
     halo = (kh - 1) * dh // sh          # phase-plane rows a window reaches below its corner
     bands = -(-ho // per_block)         # blocks per image, when bands
-    G = -(-min(ho, per_block) * Wq // NR) * NR          # grid1: an image's responses
+    compact = wo % NR == 0              # grid1: the output's positions alone (_grid_corners)
+    row = wo if compact else Wq         # grid1: window corners per output row
+    G = -(-min(ho, per_block) * row // NR) * NR         # grid1: an image's responses
+    # grid1 strips written straight into out with the epilogue (_grid_strip_out): the whole
+    # ones, where the grid is the output's positions and a strip's sum is one tile's (<= KC)
+    whole = N // MR if compact and (M if two else K) <= KC else 0
     S1 = (per_block // ho * G if per_block >= ho else G) if grid1 else RB * ld  # per filter
     blocks = -(-rows // per_block) if per_block >= ho else B * bands
     panels = -(-N // NR)
@@ -977,6 +996,8 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     xf = x.ravel()
     of = out.ravel()
     rf = res.ravel()
+    corners = _grid_corners(G // NR, wo // NR if compact else G // NR, Wq)  # grid1: tiles'
+    flat = _steps(G // NR, NR)          # grid1: tiles of the responses
     taken = _unclaimed(units)
     for t in prange(T):
         st = MR * S1 if grid1 else NR * NY * ld
@@ -1012,10 +1033,12 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                 u0, Hb, b0 = 0, Hq, 0
             image = C * sh * sw * Hb * Wq       # an image's values in xb
             _phase_tap_offsets(koff, C, kh, kw, dh, dw, sh, sw, Hb, Wq, cb)
-            images, cols = -(-(r1 - r0) // ho), min(ho, r1 - r0) * Wq   # grid1: per image
-            if grid1:                    # the block's basis responses over its input grid
-                _grid_tiles(K, R1 // MR, wt, 0, xb, image, koff, s1, 0, S1, images, G,
-                            cols)
+            images, cols = -(-(r1 - r0) // ho), min(ho, r1 - r0) * row  # grid1: per image
+            tiles = -(-cols // NR)
+            if grid1:                    # the block's basis responses over its input grid (a
+                s0 = 0 if two else whole    # conv's strips not written straight into out)
+                _grid_tiles(K, R1 // MR - s0, wt, s0 * K * MR, xb, image, corners, koff, s1,
+                            s0 * MR * S1, S1, images, G, tiles)
             elif two:                    # the block's basis responses, each basis panel reused
                 for pb in range(R1 // NR):
                     for r in range(r0, r1, NY):
@@ -1027,9 +1050,22 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                                     ld)
             if grid1:                    # MR output channels at a time over the grid: a
                 for s in range(-(-N // MR)):     # conv's responses, or their combine in stage
+                    if s < whole:
+                        for img in range(images):
+                            q = r0 + img * ho
+                            o = (q // ho * N + s * MR) * P + q % ho * wo
+                            if two:
+                                _grid_strip_out(M, ct, s * M * MR, s1, img * G, flat, koff1,
+                                                tiles, of, o, P, bias, s * MR, rf, has_res, act,
+                                                a0, a1)
+                            else:
+                                _grid_strip_out(K, wt, s * K * MR, xb, img * image, corners,
+                                                koff, tiles, of, o, P, bias, s * MR, rf, has_res,
+                                                act, a0, a1)
+                        continue
                     if two:
-                        _grid_tiles(M, 1, ct, s * M * MR, s1, G, koff1, stage, 0, S1, images,
-                                    G, cols)
+                        _grid_tiles(M, 1, ct, s * M * MR, s1, G, flat, koff1, stage, 0, S1,
+                                    images, G, tiles)
                     src, so = (stage, 0) if two else (s1, s * MR * S1)
                     for i in range(min(MR, N - s * MR)):
                         n = s * MR + i
@@ -1037,7 +1073,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
                             q = r0 + img * ho    # the image's (or band's) first output row
                             o = (q // ho * N + n) * P + q % ho * wo
                             _finish(of, o, src, so + i * S1 + img * G, wo, bias[n], rf, o,
-                                    has_res, act, a0, a1, cols // Wq, wo, Wq)
+                                    has_res, act, a0, a1, cols // row, wo, row)
                 continue
             for panel in range(part * panels // parts, (part + 1) * panels // parts):
                 for r in range(r0, r1, NY):
@@ -1194,7 +1230,10 @@ def plan_direct(B, C, ho, wo, N, K, kh, dh, sh, sw, Hq, Wq, padded, T, M=None, t
     MACs than the tiles (filters rounded up to NR), or always when the tiles may not be used
     (tiles False: a conv with K < DIRECT_MIN_K); its blocks are sized with the responses, and
     its bands split an image evenly by rows, not by whole tiles (at batch 1 on 2 threads 32
-    rows went as 18 + 14, the grid rounded 18 x 34 corners up to 624)."""
+    rows went as 18 + 14, the grid rounded 18 x 34 corners up to 624). Priced at Wq corners a
+    row even where the kernel computes only the W' of the output (W' a multiple of NR): priced
+    at W', grid1 took BasisConv VGG-16's and ResNet-18's 16x16 layers of M = 25 from kn2row,
+    which at batch 16 were then 1.1-1.3x slower (at batch 1 0.88-1.0 of the time)."""
     image = C * sh * sw * Hq * Wq               # values of one image's padded input
     halo = (kh - 1) * dh // sh
     need = K * N if M is None else (K + N) * M  # weights = MACs needed per position

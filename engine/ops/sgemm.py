@@ -80,6 +80,23 @@ def _splat(builder, scalar, lanes):
         ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
+def _activated(builder, v, code, low, high):
+    """act(v) for a float32 vector v by the epilogue's code (an integer value: 0 none, 1 relu,
+    2 clip low..high, 3 leaky_relu slope low; low, high: vectors): ordered compares and
+    selects, so that NaN propagates as NumPy's."""
+    zero = ir.Constant(v.type, [0.0] * v.type.count)
+    negative = builder.fcmp_ordered("<", v, zero)
+    relu = builder.select(negative, zero, v)
+    clip = builder.select(builder.fcmp_ordered("<", v, low), low,
+                          builder.select(builder.fcmp_ordered(">", v, high), high, v))
+    leaky = builder.select(negative, builder.fmul(v, low), v)
+
+    def is_(c):
+        return builder.icmp_signed("==", code, ir.Constant(code.type, c))
+    return builder.select(is_(1), relu, builder.select(is_(2), clip,
+                                                       builder.select(is_(3), leaky, v)))
+
+
 def _tile_loop(context, builder, k, n, lanes, rows, group=1):
     """Emits the register tile's loop and returns its accumulators after it:
     acc[2*i + v] = sum_{q < k} lanes(p, u)[i] * rows(p, u)[v], q = p + u, for i < n, v < 2, one
@@ -138,6 +155,37 @@ def _codegen_helpers(context, builder):
     return ptr, const, vec_at
 
 
+def _micro_tile(context, builder, k, a_t, a, oa, b_t, b, ob, boff_t, boff, obf):
+    """The GEMM register tile's loop: its 2*MR accumulators (row i, vector v at 2*i + v) of
+    sum_p a[oa + p*MR + i] * b[ob + boff[obf + p] + j] (b's row p at ob + p*NR when boff_t is
+    None)."""
+    ptr, const, vec_at = _codegen_helpers(context, builder)
+    ap, bp = ptr(a_t, a, oa), ptr(b_t, b, ob)
+    packed = isinstance(boff_t, types.NoneType)
+    op = None if packed else ptr(boff_t, boff, obf)
+
+    def lanes(p, u):
+        return [builder.load(builder.gep(ap, [builder.add(builder.mul(p, const(MR)),
+                                                          const(i))])) for i in range(MR)]
+
+    def rows(p, u):
+        row = builder.gep(bp, [builder.mul(p, const(NR)) if packed
+                               else builder.load(builder.gep(op, [p]))])
+        return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
+    return _tile_loop(context, builder, k, MR, lanes, rows)
+
+
+def _tile_rows(context, builder, arr_t, arr, offset, ld):
+    """Pointers to the 2*MR vectors of a tile's rows in arr: row i's v-th at offset + i*ld +
+    v*VW (the order of _micro_tile's accumulators)."""
+    ptr, const, _ = _codegen_helpers(context, builder)
+    base = ptr(arr_t, arr, offset)
+    vec_ptr = ir.VectorType(ir.FloatType(), VW).as_pointer()
+    return [builder.bitcast(builder.gep(base, [builder.add(builder.mul(const(i), ld),
+                                                           const(v * VW))]), vec_ptr)
+            for i in range(MR) for v in range(2)]
+
+
 @intrinsic
 def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t, add_t):
     """c[oc + i*ldc + j] (+= when add) sum_p a[oa + p*MR + i] * b[ob + boff[obf + p] + j] for
@@ -151,24 +199,8 @@ def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t
 
     def codegen(context, builder, signature, args):
         k, a, oa, b, ob, boff, obf, c, oc, ldc, add = args
-        ptr, const, vec_at = _codegen_helpers(context, builder)
-        ap, bp, cp = ptr(a_t, a, oa), ptr(b_t, b, ob), ptr(c_t, c, oc)
-        packed = isinstance(boff_t, types.NoneType)
-        op = None if packed else ptr(boff_t, boff, obf)
-
-        def lanes(p, u):
-            return [builder.load(builder.gep(ap, [builder.add(builder.mul(p, const(MR)),
-                                                              const(i))])) for i in range(MR)]
-
-        def rows(p, u):
-            row = builder.gep(bp, [builder.mul(p, const(NR)) if packed
-                                   else builder.load(builder.gep(op, [p]))])
-            return [vec_at(builder.gep(row, [const(v * VW)])) for v in range(2)]
-        acc = _tile_loop(context, builder, k, MR, lanes, rows)
-        vec_ptr = acc[0].type.as_pointer()
-        dst = [builder.bitcast(builder.gep(cp, [builder.add(builder.mul(const(i), ldc),
-                                                            const(v * VW))]), vec_ptr)
-               for i in range(MR) for v in range(2)]
+        acc = _micro_tile(context, builder, k, a_t, a, oa, b_t, b, ob, boff_t, boff, obf)
+        dst = _tile_rows(context, builder, c_t, c, oc, ldc)
         with builder.if_else(add) as (then, otherwise):
             with then:
                 for d, s in zip(dst, acc):
@@ -176,6 +208,41 @@ def _micro(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t
             with otherwise:
                 for d, s in zip(dst, acc):
                     builder.store(s, d, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _micro_finish(typingctx, k_t, a_t, oa_t, b_t, ob_t, boff_t, obf_t, c_t, oc_t, ldc_t, bias_t,
+                  obias_t, res_t, has_res_t, act_t, lo_t, hi_t):
+    """_micro's tile with the conv epilogue on its way out, for a whole tile of output rows:
+    c[oc + i*ldc + j] = act(sum_p ... + bias[obias + i] (+ res[oc + i*ldc + j] when has_res))
+    (act: the epilogue's code, lo / hi its parameters; the order and rounding of ops/gemm.py's
+    _finish). The output written once, not as a stage that a second pass finishes."""
+    sig = types.void(types.intp, a_t, types.intp, b_t, types.intp, boff_t, types.intp, c_t,
+                     types.intp, types.intp, bias_t, types.intp, res_t, types.boolean, act_t,
+                     lo_t, hi_t)
+
+    def codegen(context, builder, signature, args):
+        k, a, oa, b, ob, boff, obf, c, oc, ldc, bias, obias, res, has_res, act, lo, hi = args
+        acc = _micro_tile(context, builder, k, a_t, a, oa, b_t, b, ob, boff_t, boff, obf)
+        ptr, const, _ = _codegen_helpers(context, builder)
+        bp = ptr(bias_t, bias, obias)
+        v = [builder.fadd(s, _splat(builder, builder.load(builder.gep(bp, [const(n // 2)])), VW))
+             for n, s in enumerate(acc)]
+        code = context.cast(builder, act, act_t, types.intp)
+        low, high = (_splat(builder, context.cast(builder, x, t, types.float32), VW)
+                     for x, t in ((lo, lo_t), (hi, hi_t)))
+        dst = _tile_rows(context, builder, c_t, c, oc, ldc)
+        with builder.if_else(has_res) as (then, otherwise):
+            with then:
+                for d, r, s in zip(dst, _tile_rows(context, builder, res_t, res, oc, ldc), v):
+                    s = builder.fadd(s, builder.load(r, align=4))
+                    builder.store(_activated(builder, s, code, low, high), d, align=4)
+            with otherwise:
+                for d, s in zip(dst, v):
+                    builder.store(_activated(builder, s, code, low, high), d, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
