@@ -276,7 +276,10 @@ def cmd_bench(a) -> int:
 
 
 def _outputs(y) -> list[np.ndarray]:
-    """A model's output(s) as a list of arrays."""
+    """A model's output(s) (an array or tensor, or a tuple, list or dict of them) as a list of
+    arrays, in order."""
+    if isinstance(y, dict):
+        y = list(y.values())
     return [np.asarray(v) for v in (y if isinstance(y, (tuple, list)) else (y,))]
 
 
