@@ -23,6 +23,10 @@ that output channels fill the vectors; the tile is transposed in registers (`_tr
 stored channel-major, as the output is laid out. Its grid mode (few filters, first layers) uses
 `_micro` itself: filters broadcast, window corners of the input as the vectors.
 
+`_micro_finish`: `_micro`'s tile with the conv epilogue (bias, residual add, activation) applied
+to its accumulators on the way out, for kernels whose tiles are pieces of the output itself
+(ops/gemm.py's grid1 over an output row of whole tiles): no stage, no second pass.
+
 `_vector_op` / `_run`: moves and adds of short rows between two arrays as whole vectors (LLVM
 left such loops scalar below 32 values), for B's packing here and ops/gemm.py's gathers, padding
 copies and kn2row's shifted adds.
