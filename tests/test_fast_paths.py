@@ -725,7 +725,7 @@ def width_children(tmp_path_factory):
     started = {}
 
     def get(width):
-        host = [w for w in (16, 8, 4) if w <= sgemm._host_vector_width()]
+        host = [w for w in (16, 8, 4) if w <= sgemm._widest_vector_width()]
         for w in [width] if os.environ.get("PYTEST_XDIST_WORKER") else host:
             if w not in started:
                 cache = tmp_path_factory.mktemp(f"width{w}")
@@ -750,7 +750,7 @@ def test_bounds_checked_kernels_at_each_vector_width(width_children, width):
     """The 16-wide (AVX-512), 8-wide (AVX) and 4-wide (SSE, NEON) micro-kernels and direct-conv
     tiles, compiled with bounds checks in a child process with its own Numba cache, match the
     references."""
-    if width > sgemm._host_vector_width():
+    if width > sgemm._widest_vector_width():
         pytest.skip(f"the host has no {width}-wide float32 vectors")
     child, log = width_children(width)
     child.wait(timeout=900)

@@ -4,7 +4,8 @@ GEMM-shaped kernels (ops/gemm.py) to call from inside their Numba-parallel tasks
 Why not BLAS: the OpenBLAS that SciPy ships picks its kernels by CPU at run time and may be told
 to use older ones (OPENBLAS_CORETYPE); on AVX-512 machines that halves the rate. This GEMM is
 written for the machine Numba compiles on: the register tile is MR x NR values, NR = two SIMD
-vectors of the widest width the host has (16 floats with AVX-512, 8 with AVX, else 4).
+vectors of the widest width the host has (16 floats with AVX-512, 8 with AVX, else 4; 8 where
+AVX-512 runs at AVX2's rate, `HALF_RATE_AVX512`).
 
 Structure (GotoBLAS / BLIS): for each block of KC rows of B and NC of its columns, B is packed
 into NR-wide micro-panels (kc, NR), zero-padded at the right; for each block of MC rows of A, A
@@ -46,17 +47,29 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
-def _host_vector_width() -> int:
-    """float32 lanes of the widest SIMD registers the host has (Numba compiles for the host), or
-    fewer if BASISCONV_VECTOR_WIDTH (4 or 8) asks: the tests run the narrower kernels of
-    AVX / SSE machines that way (with their own NUMBA_CACHE_DIR: Numba's cache does not see
-    this setting)."""
+def _widest_vector_width() -> int:
+    """float32 lanes of the widest SIMD registers the host has (Numba compiles for the host)."""
     features = llvm.get_host_cpu_features()
-    width = 16 if features.get("avx512f") else 8 if features.get("avx") else 4
+    return 16 if features.get("avx512f") else 8 if features.get("avx") else 4
+
+
+# CPUs that run a 512-bit FMA as two 256-bit halves: AVX-512 gives them no more FLOPs a cycle
+# than AVX2, only tiles 4x the size, which waste more on small layers (AMD Zen 4, measured:
+# BasisConv VGG-16 3.07 -> 1.77 ms at batch 1 and 19.9 -> 16.8 ms at batch 16 with 8 lanes, the
+# dense nets the same; one core's sgemm 96-98 GFLOP/s either way).
+HALF_RATE_AVX512 = {"znver4"}
+
+
+def _host_vector_width() -> int:
+    """float32 lanes of the vectors the kernels use: the widest the host has, 8 on CPUs in
+    HALF_RATE_AVX512, or what BASISCONV_VECTOR_WIDTH (4, 8 or 16) asks, at most the widest:
+    the tests run the other widths' kernels that way (with their own NUMBA_CACHE_DIR: Numba's
+    cache does not see this setting)."""
+    widest = _widest_vector_width()
     asked = os.environ.get("BASISCONV_VECTOR_WIDTH")
-    if asked in ("4", "8"):
-        width = min(width, int(asked))
-    return width
+    if asked in ("4", "8", "16"):
+        return min(widest, int(asked))
+    return 8 if widest == 16 and llvm.get_host_cpu_name() in HALF_RATE_AVX512 else widest
 
 
 VW = _host_vector_width()
