@@ -14,9 +14,9 @@ exports as basis conv + 1x1 conv, the same compressed graph), exported with torc
 
 Every runtime gets 2 threads (torch.set_num_threads(2), ORT intra_op_num_threads=2, Numba's 2).
 Timing: per (net, batch), R rounds; each round runs every runtime in turn (order rotated), each
-runtime the net's variants (dense, BasisConv, TT) back to back (order rotated), each for one
-warm-up call then N timed calls, with a pause between runtimes so that spinning thread pools
-(ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls (and the min), and
+runtime the net's variants (dense, BasisConv, TT) back to back (order rotated), each for
+warm-up calls (50 ms at least, engine/timing.py) then N timed calls, with a pause between
+runtimes so that spinning thread pools (ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls (and the min), and
 ratios (engine vs ORT, compressed vs dense) per round, whose phases of the machine cancel. Before
 and after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's BLAS, 2 threads); each
 result is also given as effective GFLOP/s (2 x the engine-counted MACs x batch / time) and as a

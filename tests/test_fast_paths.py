@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_info
 
 import engine
 from engine import format as fmt
+from engine import timing
 from engine.graph import Graph, Node, TensorSpec
 from engine.ops import OPS, gemm, load_all, sgemm
 from engine.ops.activation import apply_act
@@ -605,6 +606,25 @@ def test_derived_weights_die_with_their_array():
     del basis
     gc.collect()
     assert key not in gemm._DERIVED._map
+
+
+@pytest.mark.parametrize("warmup, warm_calls", [(0.0, 1), (0.01, 3)])
+def test_interleaved_warms_up_for_a_time(monkeypatch, warmup, warm_calls):
+    """Each (model, runtime) gets warm-up calls until `warmup` s have passed (one at least),
+    then `calls` timed ones, every round (a fake clock: each call takes 4 ms)."""
+    clock = [0.0]
+    made = []
+
+    def call(name):
+        made.append(name)
+        clock[0] += 0.004
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+    fns = {("net", r): (lambda r=r: call(r)) for r in ("engine", "ort")}
+    times = timing.interleaved(fns, calls=5, rounds=2, warmup=warmup)
+    assert all(t == pytest.approx([0.004] * 10) for t in times.values())
+    assert made.count("engine") == made.count("ort") == 2 * (warm_calls + 5)
 
 
 def test_cli_bench_times_the_engine_alone(tmp_path, capsys):
