@@ -156,6 +156,7 @@ def cold_start(h5: Path, runs: int = 3) -> dict:
 # --- the run ---------------------------------------------------------------------------------------
 
 def machine() -> dict:
+    import llvmlite.binding as llvm
     import numba
     import onnxruntime
     import threadpoolctl
@@ -167,7 +168,7 @@ def machine() -> dict:
                   if line.startswith("Model name")), platform.processor())
     blas = [f"{i['prefix']} {i.get('version', '')} ({i.get('architecture', '?')} kernels)"
             for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": f"{model} (LLVM: {llvm.get_host_cpu_name()})", "cores": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "numba": numba.__version__, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "blas": sorted(set(blas)),
             "coretype": os.environ.get("OPENBLAS_CORETYPE", "(unset: OpenBLAS's own detection)"),

@@ -53,10 +53,11 @@ def _widest_vector_width() -> int:
     return 16 if features.get("avx512f") else 8 if features.get("avx") else 4
 
 
-# CPUs that run a 512-bit FMA as two 256-bit halves: AVX-512 gives them no more FLOPs a cycle
-# than AVX2, only tiles 4x the size, which waste more on small layers (AMD Zen 4, measured:
-# BasisConv VGG-16 3.07 -> 1.77 ms at batch 1 and 19.9 -> 16.8 ms at batch 16 with 8 lanes, the
-# dense nets the same; one core's sgemm 96-98 GFLOP/s either way).
+# CPUs that run a 512-bit FMA as two 256-bit halves: AVX-512 gives them few more FLOPs a cycle
+# than AVX2, and tiles 4x the size, which waste more on the compressed nets' small layers (AMD
+# Zen 4, 8 lanes against 16, alternating processes: BasisConv VGG-16 and ResNet-18 0.5-0.9 of
+# the time at batch 1, 0.93-0.94 at batch 16; the dense nets 1.07 of it at batch 16, 1.1-1.2 at
+# batch 1; one core's sgemm 96-98 GFLOP/s either way). The engine is for compressed nets.
 HALF_RATE_AVX512 = {"znver4"}
 
 
