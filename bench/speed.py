@@ -14,16 +14,16 @@ exports as basis conv + 1x1 conv, the same compressed graph), exported with torc
 
 Every runtime gets 2 threads (torch.set_num_threads(2), ORT intra_op_num_threads=2, Numba's 2).
 Timing: per (net, batch), R rounds; each round runs every runtime in turn (order rotated), each
-runtime the net's variants (dense, BasisConv, TT) back to back (order rotated), each for
-warm-up calls (50 ms at least, engine/timing.py) then N timed calls, with a pause between
-runtimes so that spinning thread pools (ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls (and the min), and
-ratios (engine vs ORT, compressed vs dense) per round, whose phases of the machine cancel. Before
-and after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's BLAS, 2 threads); each
-result is also given as effective GFLOP/s (2 x the engine-counted MACs x batch / time) and as a
-fraction of that SGEMM rate. At batch 1 also a sporadic caller's latency: engine and ORT calls
-alternated, each after IDLE_GAP s of sleep (thread pools as idle as that leaves them). Cold
-start: a fresh interpreter to the first output of the BasisConv VGG-16 file, with Numba's
-on-disk cache warm and cold (NUMBA_CACHE_DIR: an empty directory).
+runtime the net's variants (dense, BasisConv, TT) back to back (order rotated), each for warm-up
+calls (50 ms at least, engine/timing.py) then N timed calls, with a pause between runtimes so that
+spinning thread pools (ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls
+(and the min), and ratios (engine vs ORT, compressed vs dense) per round, whose phases of the
+machine cancel. Before and after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's
+BLAS, 2 threads); each result is also given as effective GFLOP/s (2 x the engine-counted MACs x
+batch / time) and as a fraction of that SGEMM rate. At batch 1 also a sporadic caller's latency:
+engine and ORT calls alternated, each after IDLE_GAP s of sleep (thread pools as idle as that
+leaves them). Cold start: a fresh interpreter to the first output of the BasisConv VGG-16 file,
+with Numba's on-disk cache warm and cold (NUMBA_CACHE_DIR: an empty directory).
 
 The machine is shared: --max-load waits (up to --wait seconds) for the 1-minute load average to
 drop below it before timing, and the load is recorded with the results.
@@ -168,7 +168,8 @@ def machine() -> dict:
                   if line.startswith("Model name")), platform.processor())
     blas = [f"{i['prefix']} {i.get('version', '')} ({i.get('architecture', '?')} kernels)"
             for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-    return {"cpu": f"{model} (LLVM: {llvm.get_host_cpu_name()})", "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": f"{model} (LLVM: {llvm.get_host_cpu_name()})", "cores": os.cpu_count(),
+            "python": platform.python_version(),
             "numpy": np.__version__, "numba": numba.__version__, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "blas": sorted(set(blas)),
             "coretype": os.environ.get("OPENBLAS_CORETYPE", "(unset: OpenBLAS's own detection)"),
