@@ -996,9 +996,10 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
     xf = x.ravel()
     of = out.ravel()
     rf = res.ravel()
-    tiles1 = G // NR if grid1 else 0   # grid1's tiles an image (no tables for the tiles)
-    corners = _grid_corners(tiles1, wo // NR if compact else tiles1, Wq)  # grid1: tiles'
-    flat = _steps(tiles1, NR)           # grid1: tiles of the responses
+    tiles1 = G // NR if grid1 else 0   # grid1's tiles an image (0: empty tables below)
+    # grid1: each tile's first window corner in the input, and in the responses
+    corners = _grid_corners(tiles1, wo // NR if compact else tiles1, Wq)
+    flat = _steps(tiles1, NR)
     taken = _unclaimed(units)
     for t in prange(T):
         st = MR * S1 if grid1 else NR * NY * ld
