@@ -100,6 +100,7 @@ CASES = [
     (1, 16, 24, 3, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
     (1, 20, 40, 9, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
     (1, 16, 32, 9, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (1, 16, 32, 11, 10, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), 1),  # (unpadded: in order)
     # basis: split by K (B*H' rows and W' columns in one direct tile; and the 2x2 case above)
     (3, 40, 24, 3, 3, 3, 3, (2, 2), (0, 0, 0, 0), (1, 1), 1),     # 3 images of 1x1, strided
     (1, 24, 40, 1, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # one row of 4: the wide tile
@@ -109,6 +110,11 @@ CASES = [
     (2, 16, 24, 32, 32, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),
     (5, 24, 40, 8, 8, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),
     (3, 8, 24, 16, 16, 2, 2, (2, 2), (0, 0, 0, 0), (1, 1), 1),
+    # packed, columns sorted by the taps they read inside the input (column_order): strided;
+    # tiles of positions whose taps all read padding; a batch split by output rows
+    (8, 24, 32, 8, 8, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),
+    (2, 16, 24, 4, 4, 1, 1, (1, 1), (2, 2, 2, 2), (1, 1), 1),
+    (16, 16, 96, 2, 2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
 ]
 
 
@@ -225,7 +231,13 @@ def test_cases_cover_every_conv_path():
                     seen.add(("direct", "grid1" if M else "grid conv", "stride", stride))
             elif plan.how == "packed":
                 seen.add(("grid" if plan.grid else "gather", plan.split[1] > 1))
-                if not plan.grid:
+                if plan.split[2]:
+                    rows = gemm.column_order(B, H, W, C, ho, wo, kh, kw, stride, pad, dil, True,
+                                             gemm.threads() if plan.split[1] == 1 else 1)[2]
+                    seen |= {("by taps", "by 8", C % 8 == 0), ("by taps", "stride", stride),
+                             ("by taps", "parts", plan.split[1] > 1), ("by taps", "basis", bool(M)),
+                             ("by taps", "no tap", bool((rows[:, 2] == 0).any()))}
+                elif not plan.grid:
                     seen.add(("gather", "run", gemm._column_run(stride[1], wo),
                               B * ho * wo % gemm.NR != 0))
                     seen.add(("gather", "run", gemm._column_run(stride[1], wo), "stride",
@@ -255,10 +267,13 @@ def test_cases_cover_every_conv_path():
             *{("direct", kind, "part strip", part, grid) for kind in ("grid1", "grid conv")
               for part in (False, True) for grid in (False, True)},
             ("direct", "grid1", "stride", (2, 2)), ("direct", "grid conv", "stride", (2, 2)),
-            ("gather", "run", 8, "stride", 2), ("gather", "run", 4, "stride", 2)} <= seen
+            ("gather", "run", 8, "stride", 2), ("gather", "run", 4, "stride", 2),
+            *{("by taps", kind, value) for kind in ("by 8", "parts", "basis", "no tap")
+              for value in (False, True)},
+            ("by taps", "stride", (1, 1)), ("by taps", "stride", (2, 2))} <= seen
     # _pack_cols: whole tiles copied in runs of 8 and 4 columns, part tiles gathered
     assert {(how, "run", run, part) for how in ("gather", "streamed") for run in (8, 4)
-            for part in (False, True)} <= seen, sorted(k for k in seen if "run" in k)
+            for part in (False, True)} <= seen, sorted(str(k) for k in seen if "run" in k)
 
 
 @pytest.mark.parametrize("m,n,k,tb", [(1, 1, 1, False), (12, 32, 256, False), (13, 33, 257, True),
@@ -344,6 +359,66 @@ def test_packed_rows_layout():
     assert p.shape == (-(-14 // sgemm.MR), 8, sgemm.MR)
     np.testing.assert_array_equal(p[1, 3, 1], w[sgemm.MR + 1, 3])
     assert (p[:, 5:] == 0).all() and (p[-1, :, 14 - sgemm.MR * (p.shape[0] - 1):] == 0).all()
+
+
+@pytest.mark.parametrize("by_taps, groups", [(False, 1), (True, 1), (True, 2), (True, 3)])
+@pytest.mark.parametrize("shape", [
+    (16, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (3, 13, 17, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1)),
+    (2, 9, 10, 3, 2, (1, 1), (1, 0, 2, 1), (2, 1)),
+    (5, 4, 4, 1, 1, (1, 1), (2, 2, 2, 2), (1, 1)),
+    (1, 28, 1, 3, 2, (1, 1), (1, 0, 0, 2), (2, 2))])
+def test_column_order_skips_only_padding(shape, by_taps, groups):
+    """column_order: a permutation of the output positions, its runs consecutive positions of
+    one image, each tile's runs of (tap, channel) rows holding every tap that reads inside the
+    input for one of its columns (the others, skipped, read padding alone), and the fraction
+    the rows that the tiles keep."""
+    B, H, W, kh, kw, stride, pad, dil = shape
+    C, NR = 3, gemm.NR
+    ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
+    P = ho * wo
+    order, runs, rows, fraction = gemm.column_order(B, H, W, C, ho, wo, kh, kw, stride, pad, dil,
+                                                    by_taps, groups)
+    assert sorted(order) == list(range(B * P))
+    if not by_taps:
+        assert (order == np.arange(B * P)).all()
+    for q in range(B * P):
+        run = order[q:q + runs[q]]
+        assert (np.diff(run) == 1).all() and len(set(run // P)) == 1
+        assert q + runs[q] == B * P or order[q + runs[q]] != run[-1] + 1 or run[-1] % P == P - 1
+    kept_rows = 0
+    for t in range(-(-B * P // NR)):
+        first, step, count, length = rows[t]
+        kept = {r for i in range(count) for r in range(first + i * step, first + i * step + length)}
+        kept_rows += len(kept)
+        assert all(0 <= r < kh * kw * C for r in kept)
+        for g in order[t * NR:(t + 1) * NR]:
+            b, y, x = g // P, g % P // wo, g % P % wo
+            for i, j in itertools.product(range(kh), range(kw)):
+                inside = (0 <= y * stride[0] - pad[0] + i * dil[0] < H
+                          and 0 <= x * stride[1] - pad[1] + j * dil[1] < W)
+                if inside:
+                    assert {(i * kw + j) * C + c for c in range(C)} <= kept
+    assert fraction == kept_rows / (-(-B * P // NR) * kh * kw * C)
+    if by_taps and shape[0] == 16 and groups < 3 and NR == 16:
+        # 3x3 'same' at 4x4: 69% of the taps read the input, and so many are kept when whole
+        # tiles share them (corners 16 a group); 75% in halves (a tile two corners, 6 taps)
+        assert fraction == pytest.approx(100 / 144 if groups == 1 else 0.75)
+
+
+@pytest.mark.parametrize("C", [5, 24])
+def test_skipped_taps_do_not_change_results_across_batches(C):
+    """The packed path's tiles skip the taps their columns read in the padding, and which
+    those are depends on the batch's other images (column_order); an image's output does
+    not: bit-identical at batch 16, 12, 8 and 5 (a dataset run's last batch is short)."""
+    x, w, b = rand(16, C, 6, 6), rand(24, C, 3, 3, seed=1), rand(24, seed=2)
+    outs = {}
+    for B in (16, 12, 8, 5):
+        plan = gemm.plan_conv((B, C, 6, 6), 24, 3, 3, 6, 6, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+        assert plan.how == "packed" and plan.split[2]
+        outs[B] = conv2d_fast(x[:B], w, b, (1, 1), (1, 1, 1, 1), (1, 1), 1, "zeros")
+        np.testing.assert_array_equal(outs[B], outs[16][:B])
+    close(outs[16], OPS["conv2d"].reference(conv_node(w, b, (1, 1), (1, 1, 1, 1), (1, 1), 1), x))
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])

@@ -390,6 +390,42 @@ def _vector_op(lanes, step=1):
     return op
 
 
+@intrinsic
+def _transposed8(typingctx, dst_t, od_t, ld_t, src_t, os_t, cols_t, oc_t):
+    """dst[od + r*ld + l] = src[cols[oc + l] + os + r] for r, l < 8: eight runs of 8 adjacent
+    values (a column's channels in a channels-last input) loaded as vectors and stored
+    transposed (rows of 8 columns), by the 8x8 transpose's three rounds of shuffles (the
+    packed path's gather from a channels-last input: value by value, a 3x3 layer 256 -> 256 at
+    8x8, batch 16, took 1.08x as long)."""
+    sig = types.void(dst_t, types.intp, types.intp, src_t, types.intp, cols_t, types.intp)
+
+    def codegen(context, builder, signature, args):
+        dst, od, ld, src, os_, cols, oc = args
+        ptr, const, _ = _codegen_helpers(context, builder)
+        vec8 = ir.VectorType(ir.FloatType(), 8)
+        cp = ptr(cols_t, cols, oc)
+        rows = [builder.load(builder.bitcast(
+            ptr(src_t, src, builder.add(builder.load(builder.gep(cp, [const(l)])), os_)),
+            vec8.as_pointer()), align=4) for l in range(8)]
+
+        def shuffle(a, b, mask):
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 8),
+                                                            mask))
+        # pairs of rows interleaved, then pairs of pairs, then halves: channel j's 8 values
+        t = [shuffle(rows[2 * i], rows[2 * i + 1], m) for i in range(4)
+             for m in ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15])]
+        u = [shuffle(t[4 * h + i], t[4 * h + i + 2], m) for h in range(2) for i in range(2)
+             for m in ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])]
+        out = [shuffle(u[j % 4], u[4 + j % 4], [0, 1, 2, 3, 8, 9, 10, 11] if j < 4
+                       else [4, 5, 6, 7, 12, 13, 14, 15]) for j in range(8)]
+        base = ptr(dst_t, dst, od)
+        for j, v in enumerate(out):
+            d = builder.gep(base, [builder.mul(const(j), ld)])
+            builder.store(v, builder.bitcast(d, vec8.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 _vec8, _vec4, _evens8, _evens4 = (_vector_op(8), _vector_op(4), _vector_op(8, 2),
                                   _vector_op(4, 2))
 
