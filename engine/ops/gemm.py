@@ -1289,7 +1289,7 @@ def _taps_inside(n_out, size, k, stride, dilation, pad):
     return np.where(none, k, first), np.where(none, 0, end)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def column_order(B, H, W, C, ho, wo, kh, kw, stride, padding, dilation, by_taps, groups=1):
     """The packed path's gather: (order, runs, rows, fraction), skipping the taps that read
     zero padding alone (31% of a 3x3 conv's MACs at 4x4, 56% at 2x2).
@@ -1303,7 +1303,7 @@ def column_order(B, H, W, C, ho, wo, kh, kw, stride, padding, dilation, by_taps,
     channel) order, the taps read inside the input by one of its columns at least (a
     rectangle of taps), as `count` runs of `length` rows `step` apart from `first`: (first,
     step, count, length), count 0 when none. fraction: the rows gathered and multiplied, of
-    all tiles' K rows. Arrays read-only (remembered per shape)."""
+    all tiles' K rows. Arrays read-only, remembered for the last 64 shapes (B*P values each)."""
     P = ho * wo
     ky0, ky1 = _taps_inside(ho, H, kh, stride[0], dilation[0], padding[0])
     kx0, kx1 = _taps_inside(wo, W, kw, stride[1], dilation[1], padding[1])
