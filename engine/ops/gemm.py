@@ -791,9 +791,10 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
     zero-padded input xpf (B, C, Hp, Wp) flat into out (B, N, H'*W'), K = C*kh*kw in (tap,
     channel) order (blocked_k with cb = C), Mp = M rounded up to MR.
     Columns: gather (grid False) the B*H'*W' output positions in the order `order`, their B
-    panels gathered (_pack_cols), each tile of NR columns only its runs of K rows (rows:
-    the taps inside the input for one of its columns at least; by_taps: the columns sorted so
-    that tiles share them, and gathered value by value; column_order); in place (grid True,
+    panels gathered (_pack_cols), each tile of NR columns only its runs of K rows (rows: the
+    taps inside the input for one of its columns at least; column_order). by_taps: the
+    columns sorted so that tiles share those, and xpf is (B, Hp, Wp, C), so that a column's
+    rows are adjacent values (gathered 8 at a time where C is a multiple of 8); in place (grid True,
     stride 1) per image the H' x Wp grid of window corners, whose B rows the micro-kernel reads
     straight from xpf (NR consecutive corners of a tap are NR consecutive values; the Wp - W'
     columns past each output row are computed and dropped).
@@ -892,7 +893,8 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
                 nr += 1
                 q += m
             for n in range(s0 * MR, min(N, s1 * MR)):
-                if by_taps:    # runs of 1-6 positions: value by value (a run's set-up costs)
+                if by_taps:    # runs of 1-6 positions: value by value (one core, 3x3 basis
+                    # layer at 8x8, batch 16: 0.97-0.98 of the time by runs; a run's set-up)
                     bn, lo, hi = bias[n], np.float32(a0), np.float32(a1)
                     for j in range(nq):
                         o = column_out[j] + n * P
