@@ -372,7 +372,7 @@ def test_column_order_skips_only_padding(shape, by_taps, groups):
     """column_order: a permutation of the output positions, its runs consecutive positions of
     one image, each tile's runs of (tap, channel) rows holding every tap that reads inside the
     input for one of its columns (the others, skipped, read padding alone), and the fraction
-    the rows that the tiles keep."""
+    the rows that the tiles keep, at least taps_inside's."""
     B, H, W, kh, kw, stride, pad, dil = shape
     C, NR = 3, gemm.NR
     ho, wo = conv_out_hw(H, W, kh, kw, stride, pad, dil)
@@ -400,6 +400,13 @@ def test_column_order_skips_only_padding(shape, by_taps, groups):
                 if inside:
                     assert {(i * kw + j) * C + c for c in range(C)} <= kept
     assert fraction == kept_rows / (-(-B * P // NR) * kh * kw * C)
+    # taps_inside: the taps reading the input, of all (the least a tile can keep)
+    inside = sum((0 <= y * stride[0] - pad[0] + i * dil[0] < H)
+                 and (0 <= x * stride[1] - pad[1] + j * dil[1] < W)
+                 for y, x, i, j in itertools.product(range(ho), range(wo), range(kh), range(kw)))
+    assert gemm.taps_inside(H, W, ho, wo, kh, kw, stride, pad, dil) == pytest.approx(
+        inside / (P * kh * kw))
+    assert fraction >= inside / (P * kh * kw) - 1e-12
     if by_taps and shape[0] == 16 and groups < 3 and NR == 16:
         # 3x3 'same' at 4x4: 69% of the taps read the input, and so many are kept when whole
         # tiles share them (corners 16 a group); 75% in halves (a tile two corners, 6 taps)

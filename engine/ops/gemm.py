@@ -1203,6 +1203,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
 _NO_RES = np.zeros((1, 1, 1), np.float32)
 _NO_W2 = np.zeros((1, 1), np.float32)
 _NO_BIAS = np.zeros(1, np.float32)
+_NO_ORDER = (np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros((0, 4), np.intp), 1.0)  # grid
 
 
 class _Derived:
@@ -1289,6 +1290,15 @@ def _taps_inside(n_out, size, k, stride, dilation, pad):
     end = np.clip((size - 1 - o) // dilation + 1, 0, k)  # o + i*dilation < size
     none = end <= first
     return np.where(none, k, first), np.where(none, 0, end)
+
+
+def taps_inside(H, W, ho, wo, kh, kw, stride, padding, dilation) -> float:
+    """The fraction of a conv's taps that read inside the input (not its padding): the least a
+    tile of column_order can multiply (large images: no need to sort them)."""
+    inside = [(end - first).clip(0).sum() / (n * k) for end, first, n, k in (
+        (*_taps_inside(ho, H, kh, stride[0], dilation[0], padding[0])[::-1], ho, kh),
+        (*_taps_inside(wo, W, kw, stride[1], dilation[1], padding[1])[::-1], wo, kw))]
+    return float(inside[0] * inside[1])
 
 
 @functools.lru_cache(maxsize=64)
@@ -1519,7 +1529,8 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
                 and -(-ho * Wp // NR) * NR <= GRID_WASTE * P)
         nch, parts, scratch = plan_packed(B, ho * Wp if grid else B * P, Kg, round_up(N, MR),
                                           0 if M is None else round_up(M, MR), T, grid)
-        if not grid and any(padding):
+        if not grid and any(padding) and taps_inside(H, W, ho, wo, kh, kw, stride, padding,
+                                                     dilation) <= 1 - TAPS_SKIPPED_MIN:
             skipped = column_order(B, H, W, C, ho, wo, kh, kw, tuple(stride), tuple(padding),
                                    tuple(dilation), True, T if parts == 1 else 1)[3]
         # grid: B rows are read up to NR + (kw-1)*dw < NR + Wp past the last plane
@@ -1659,9 +1670,10 @@ def prepare_conv(x_shape, w1, bias, stride, padding, dilation, groups, ho, wo, w
     elif plan.how == "packed":
         wp = _DERIVED.get(w1, "packed taps", lambda: pack_rows(blocked_k(w1m, Cg, kh * kw)))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, round_up(M, MR))) if two else wp
-        order, runs, rows, _ = column_order(B, H, W, Cg, ho, wo, kh, kw, tuple(stride),
-                                            tuple(padding), tuple(dilation), plan.split[2],
-                                            T if plan.split[1] == 1 else 1)
+        order, runs, rows, _ = (_NO_ORDER if plan.grid else
+                                column_order(B, H, W, Cg, ho, wo, kh, kw, tuple(stride),
+                                             tuple(padding), tuple(dilation), plan.split[2],
+                                             T if plan.split[1] == 1 else 1))
 
         def run(x, res3, out):
             ws, xpf = scratch((T, plan.scratch), (plan.padded,))  # xpf: (B, C, Hp, Wp), margin
