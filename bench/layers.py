@@ -83,8 +83,9 @@ def main(argv=None) -> int:
                             args.rounds)
             e, o = (statistics.median(t["l", r]) * 1e3 for r in ("engine", "ORT"))
             how = f"{plan.how} {plan.split}".replace(",)", ")")
-            print(f"| {C} -> {N} at {H}x{H}, {k}x{k} stride {s} | {f'basis M={M}' if M else 'dense'}"
-                  f" | {e:.3f} | {o:.3f} | {o / e:.2f} | {how} | {diff:.1e} |", flush=True)
+            kind = f"basis M={M}" if M else "dense"
+            print(f"| {C} -> {N} at {H}x{H}, {k}x{k} stride {s} | {kind} | {e:.3f} | {o:.3f} | "
+                  f"{o / e:.2f} | {how} | {diff:.1e} |", flush=True)
     return 0
 
 
