@@ -785,16 +785,16 @@ def _pad_input(x, pt, pl, Hp, Wp, xq, T, channels_last=False):
 
 @njit(cache=True, parallel=True)
 def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res, act, a0, a1,
-                 sh, sw, ho, wo, grid, order, runs, rows, nch, parts, by_taps, out, ws):
+                 sh, sw, ho, wo, grid, order, rows, nch, parts, by_taps, out, ws):
     """Conv (two False: wp = pack_rows(weight (N, K))) or basis conv (two True:
     wp = pack_rows(basis (M, K)), cp = pack_rows(combine (N, M), k_pad=Mp)), one group, of the
     zero-padded input xpf (B, C, Hp, Wp) flat into out (B, N, H'*W'), K = C*kh*kw in (tap,
     channel) order (blocked_k with cb = C), Mp = M rounded up to MR.
-    Columns: gather (grid False) the B*H'*W' output positions in the order `order`, their B
-    panels gathered (_pack_cols), each tile of NR columns only its runs of K rows (rows: the
-    taps inside the input for one of its columns at least; column_order). by_taps: the
-    columns sorted so that tiles share those, and xpf is (B, Hp, Wp, C), so that a column's
-    rows are adjacent values (gathered 8 at a time where C is a multiple of 8); in place (grid True,
+    Columns: gather (grid False) the B*H'*W' output positions, their B panels gathered
+    (_pack_cols); by_taps in the order `order`, each tile of NR columns only its runs of K rows
+    (rows: the taps inside the input for one of its columns at least; column_order), from xpf
+    (B, Hp, Wp, C), so that a column's rows are adjacent values (gathered 8 at a time where C
+    is a multiple of 8); in place (grid True,
     stride 1) per image the H' x Wp grid of window corners, whose B rows the micro-kernel reads
     straight from xpf (NR consecutive corners of a tap are NR consecutive values; the Wp - W'
     columns past each output row are computed and dropped).
@@ -814,7 +814,7 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
     span = ho * Wp if grid else B * P       # columns per image (grid) or in all
     per = (span + nch - 1) // nch           # chunks of each
     tasks = (B if grid else 1) * per * parts
-    run = 1 if by_taps else _column_run(sw, wo)
+    run = _column_run(sw, wo)
     T = ws.shape[0]
     of = out.ravel()
     rf = res.ravel()
@@ -843,15 +843,17 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
             # stage 1's row panels and where their tiles go: the responses, or the C chunk
             r0, r1, o1, ld1, lt1 = (0, R1 // MR, sb, NR, R1 * NR) if two else (s0, s1, cb, nch, NR)
             g0 = q0 // NR                       # gather: the chunk's first tile
-            if not grid:
+            if by_taps:
                 _window_corners(colbase[:tiles * NR], q0, nq, P, C, Hp, Wp, wo, sh, sw, order,
-                                by_taps)
+                                True)
                 for u in range(tiles):          # tiles reading padding alone: responses 0
                     if rows[g0 + u, 2] == 0:
                         for s in range(r0, r1):
                             for y in range(MR):
                                 o = o1 + s * MR * ld1 + u * lt1 + y * ld1
                                 buf[o:o + NR] = 0.0
+            elif not grid:
+                _window_corners(colbase[:tiles * NR], q0, nq, P, C, Hp, Wp, wo, sh, sw)
             for ky in range(kh):                # K's blocks: up to KC rows of a row of taps
                 for k0 in range(ky * kw * C, (ky + 1) * kw * C, KC):
                     kc = min(KC, (ky + 1) * kw * C - k0)
@@ -859,23 +861,29 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
                         _strip_tiles(kc, wp, k0 * MR, K * MR, r0, r1, xpf, img, NR, tiles,
                                      delta, k0, buf, o1, ld1, lt1, k0 > 0)
                         continue
-                    _pack_cols(xpf, colbase, delta, k0, kc, nq, buf, run, sw, rows, g0,
-                               by_taps and C % 8 == 0)
+                    if by_taps:
+                        _pack_cols(xpf, colbase, delta, k0, kc, nq, buf, 1, sw, rows, g0,
+                                   C % 8 == 0)
+                    else:
+                        _pack_cols(xpf, colbase, delta, k0, kc, nq, buf, run, sw)
                     for s in range(r0, r1):
                         for u in range(tiles):
-                            g = g0 + u
-                            for v in range(rows[g, 2]):
-                                a, b = _tap_run(rows, g, v, k0, kc)
+                            g = g0 + u          # (by_taps) its runs of rows in the block
+                            for v in range(rows[g, 2] if by_taps else 1):
+                                a, b = _tap_run(rows, g, v, k0, kc) if by_taps else (k0, k0 + kc)
                                 if a < b:
                                     _micro(b - a, wp, (s * K + a) * MR, buf,
                                            (u * kc + a - k0) * NR, None, 0, buf,
-                                           o1 + s * MR * ld1 + u * lt1, ld1, a > rows[g, 0])
+                                           o1 + s * MR * ld1 + u * lt1, ld1,
+                                           a > (rows[g, 0] if by_taps else 0))
             if two:
                 _strip_tiles(R1, cp, 0, R1 * MR, s0, s1, buf, sb, R1 * NR, tiles, None, 0, buf, cb,
                              nch, NR, False)
-            # the chunk's runs of columns that are consecutive output positions of one image:
-            # their first column, its offset in out's channel 0, and their length
-            nr, q = 0, 0
+            # where the chunk's columns go in out's channel 0: each column (by_taps), or its
+            # runs of consecutive output positions of one image (first column, offset, length)
+            for j in range(nq if by_taps else 0):
+                column_out[j] = order[q0 + j] // P * N * P + order[q0 + j] % P
+            nr, q = 0, nq if by_taps else 0
             while q < nq:
                 if grid:       # the rest of a grid row's output columns, then skip to the next
                     oy = (q0 + q) // Wp
@@ -885,11 +893,10 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
                         continue
                     b, p, m = chunk // per, oy * wo + ox, min(wo - ox, nq - q)
                 else:
-                    b = order[q0 + q] // P
-                    p, m = order[q0 + q] - b * P, min(runs[q0 + q], nq - q)
+                    b = (q0 + q) // P
+                    p = q0 + q - b * P
+                    m = min(P - p, nq - q)
                 run_col[nr], run_out[nr], run_len[nr] = q, b * N * P + p, m
-                for j in range(m if by_taps else 0):
-                    column_out[q + j] = b * N * P + p + j
                 nr += 1
                 q += m
             for n in range(s0 * MR, min(N, s1 * MR)):
@@ -1203,7 +1210,7 @@ def _conv_direct(x, kh, kw, sh, sw, dh, dw, pt, pl, Hq, Wq, wt, ct, two, bias, r
 _NO_RES = np.zeros((1, 1, 1), np.float32)
 _NO_W2 = np.zeros((1, 1), np.float32)
 _NO_BIAS = np.zeros(1, np.float32)
-_NO_ORDER = (np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros((0, 4), np.intp), 1.0)  # grid
+_NO_ORDER = (np.zeros(0, np.intp), np.zeros((0, 4), np.intp), 1.0)  # packed, not by taps
 
 
 class _Derived:
@@ -1302,36 +1309,27 @@ def taps_inside(H, W, ho, wo, kh, kw, stride, padding, dilation) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def column_order(B, H, W, C, ho, wo, kh, kw, stride, padding, dilation, by_taps, groups=1):
-    """The packed path's gather: (order, runs, rows, fraction), skipping the taps that read
+def column_order(B, H, W, C, ho, wo, kh, kw, stride, padding, dilation, groups=1):
+    """The packed path's gather by taps: (order, rows, fraction), skipping the taps that read
     zero padding alone (31% of a 3x3 conv's MACs at 4x4, 56% at 2x2).
-    order (B*P,): column q of the im2col matrix is output position order[q] = b*P + y*W' + x:
-    sorted by_taps by the set of taps that read inside the input (then in order), so that whole
-    tiles of NR columns share it, within `groups` runs of the images (the threads' shares when
-    the chunks of columns are theirs: each thread then reads the input it padded and writes
-    the output its next layer reads; sorted over all images, 3x3 basis layers at 4x4 took
-    1.5x as long); else in order. runs (B*P,): columns q .. q + runs[q] - 1 are
-    consecutive positions of one image. rows (tiles, 4): each tile's im2col rows in (tap,
-    channel) order, the taps read inside the input by one of its columns at least (a
-    rectangle of taps), as `count` runs of `length` rows `step` apart from `first`: (first,
-    step, count, length), count 0 when none. fraction: the rows gathered and multiplied, of
-    all tiles' K rows. Arrays read-only, remembered for the last 64 shapes (B*P values each)."""
+    order (B*P,): column q of the im2col matrix is output position order[q] = b*P + y*W' + x,
+    sorted by the set of taps that read inside the input (then in order), so that whole tiles
+    of NR columns share it, within `groups` runs of the images (the threads' shares when the
+    chunks of columns are theirs: each thread then reads the input it padded and writes the
+    output its next layer reads; sorted over all images, 3x3 basis layers at 4x4 took 1.5x as
+    long). rows (tiles, 4): each tile's im2col rows in (tap, channel) order, the taps read
+    inside the input by one of its columns at least (a rectangle of taps), as `count` runs of
+    `length` rows `step` apart from `first`: (first, step, count, length), count 0 when none.
+    fraction: the rows gathered and multiplied, of all tiles' K rows. Arrays read-only,
+    remembered for the last 64 shapes (plan_conv sorts small images only: taps_inside)."""
     P = ho * wo
     ky0, ky1 = _taps_inside(ho, H, kh, stride[0], dilation[0], padding[0])
     kx0, kx1 = _taps_inside(wo, W, kw, stride[1], dilation[1], padding[1])
     box = np.stack(np.broadcast_arrays(ky0[:, None], ky1[:, None], kx0, kx1), -1).reshape(P, 4)
     box[(box[:, 0] >= box[:, 1]) | (box[:, 2] >= box[:, 3])] = (kh, 0, kw, 0)   # no tap
-    positions = np.arange(B * P)
-    if by_taps:
-        key = ((box[:, 0] * (kh + 1) + box[:, 1]) * (kw + 1) + box[:, 2]) * (kw + 1) + box[:, 3]
-        group = np.repeat(np.arange(B) * groups // B, P)
-        order = np.lexsort((np.tile(key, B), group))
-    else:
-        order = positions
-    last = np.ones(B * P, bool)                 # column q ends a run of consecutive positions
-    last[:-1] = (order[1:] != order[:-1] + 1) | (order[1:] % P == 0)
-    ends = np.flatnonzero(last)
-    runs = ends[np.searchsorted(ends, positions)] - positions + 1
+    key = ((box[:, 0] * (kh + 1) + box[:, 1]) * (kw + 1) + box[:, 2]) * (kw + 1) + box[:, 3]
+    group = np.repeat(np.arange(B) * groups // B, P)
+    order = np.lexsort((np.tile(key, B), group)).astype(np.intp)
     starts = np.arange(0, B * P, NR)
     tile_box = box[order % P]
     y0, x0 = np.minimum.reduceat(tile_box[:, [0, 2]], starts).T
@@ -1342,10 +1340,9 @@ def column_order(B, H, W, C, ho, wo, kh, kw, stride, padding, dilation, by_taps,
                      np.where(whole, count > 0, count), np.where(whole, count * kw, x1 - x0) * C],
                     -1).astype(np.intp)
     fraction = float((count * (x1 - x0)).sum()) / (len(starts) * kh * kw)
-    order, runs = order.astype(np.intp), runs.astype(np.intp)
-    for a in (order, runs, rows):
+    for a in (order, rows):
         a.setflags(write=False)
-    return order, runs, rows, fraction
+    return order, rows, fraction
 
 
 def plan_packed(B, cols, K, Np, Mp, T, grid):
@@ -1532,7 +1529,7 @@ def plan_conv(x_shape, N, kh, kw, ho, wo, stride, padding, dilation, groups, M=N
         if not grid and any(padding) and taps_inside(H, W, ho, wo, kh, kw, stride, padding,
                                                      dilation) <= 1 - TAPS_SKIPPED_MIN:
             skipped = column_order(B, H, W, C, ho, wo, kh, kw, tuple(stride), tuple(padding),
-                                   tuple(dilation), True, T if parts == 1 else 1)[3]
+                                   tuple(dilation), T if parts == 1 else 1)[2]
         # grid: B rows are read up to NR + (kw-1)*dw < NR + Wp past the last plane
         padded = B * C * Hp * Wp + (NR + Wp if grid else 0) if grid or any(padding) else 0
         packed = ConvPlan("packed", False, grid, (nch, parts, skipped <= 1 - TAPS_SKIPPED_MIN),
@@ -1670,10 +1667,10 @@ def prepare_conv(x_shape, w1, bias, stride, padding, dilation, groups, ho, wo, w
     elif plan.how == "packed":
         wp = _DERIVED.get(w1, "packed taps", lambda: pack_rows(blocked_k(w1m, Cg, kh * kw)))
         cp = _DERIVED.get(w2, "packed", lambda: pack_rows(w2, round_up(M, MR))) if two else wp
-        order, runs, rows, _ = (_NO_ORDER if plan.grid else
-                                column_order(B, H, W, Cg, ho, wo, kh, kw, tuple(stride),
-                                             tuple(padding), tuple(dilation), plan.split[2],
-                                             T if plan.split[1] == 1 else 1))
+        order, rows, _ = (column_order(B, H, W, Cg, ho, wo, kh, kw, tuple(stride),
+                                       tuple(padding), tuple(dilation),
+                                       T if plan.split[1] == 1 else 1)
+                          if plan.split[2] else _NO_ORDER)
 
         def run(x, res3, out):
             ws, xpf = scratch((T, plan.scratch), (plan.padded,))  # xpf: (B, C, Hp, Wp), margin
@@ -1683,8 +1680,7 @@ def prepare_conv(x_shape, w1, bias, stride, padding, dilation, groups, ho, wo, w
             else:
                 xpf = x.ravel()
             _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res3, has_res, code,
-                         a0, a1, sh, sw, ho, wo, plan.grid, order, runs, rows, *plan.split, out,
-                         ws)
+                         a0, a1, sh, sw, ho, wo, plan.grid, order, rows, *plan.split, out, ws)
     elif plan.how == "streamed":
         Mp = round_up(M, MR)
         wp = _DERIVED.get(w1, "packed", lambda: pack_rows(w1m))
