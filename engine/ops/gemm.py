@@ -794,10 +794,10 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
     (_pack_cols); by_taps in the order `order`, each tile of NR columns only its runs of K rows
     (rows: the taps inside the input for one of its columns at least; column_order), from xpf
     (B, Hp, Wp, C), so that a column's rows are adjacent values (gathered 8 at a time where C
-    is a multiple of 8); in place (grid True,
-    stride 1) per image the H' x Wp grid of window corners, whose B rows the micro-kernel reads
-    straight from xpf (NR consecutive corners of a tap are NR consecutive values; the Wp - W'
-    columns past each output row are computed and dropped).
+    is a multiple of 8); in place (grid True, stride 1) per image the H' x Wp grid of window
+    corners, whose B rows the micro-kernel reads straight from xpf (NR consecutive corners of a
+    tap are NR consecutive values; the Wp - W' columns past each output row are computed and
+    dropped).
     K runs in blocks of up to KC rows within one row of taps: a tile's rows in a block are then
     one run, summed as the whole block would be (the skipped rows add exact zeros), so that
     results do not depend on which taps a tile skips, hence on the batch's other images.
