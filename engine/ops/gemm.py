@@ -881,24 +881,26 @@ def _conv_packed(xpf, C, Hp, Wp, kh, kw, dh, dw, wp, cp, two, bias, res, has_res
                              nch, NR, False)
             # where the chunk's columns go in out's channel 0: each column (by_taps), or its
             # runs of consecutive output positions of one image (first column, offset, length)
-            for j in range(nq if by_taps else 0):
-                column_out[j] = order[q0 + j] // P * N * P + order[q0 + j] % P
-            nr, q = 0, nq if by_taps else 0
-            while q < nq:
-                if grid:       # the rest of a grid row's output columns, then skip to the next
-                    oy = (q0 + q) // Wp
-                    ox = q0 + q - oy * Wp
-                    if ox >= wo:
-                        q += Wp - ox
-                        continue
-                    b, p, m = chunk // per, oy * wo + ox, min(wo - ox, nq - q)
-                else:
-                    b = (q0 + q) // P
-                    p = q0 + q - b * P
-                    m = min(P - p, nq - q)
-                run_col[nr], run_out[nr], run_len[nr] = q, b * N * P + p, m
-                nr += 1
-                q += m
+            nr, q = 0, 0
+            if by_taps:
+                for j in range(nq):
+                    column_out[j] = order[q0 + j] // P * N * P + order[q0 + j] % P
+            else:
+                while q < nq:
+                    if grid:   # the rest of a grid row's output columns, then skip to the next
+                        oy = (q0 + q) // Wp
+                        ox = q0 + q - oy * Wp
+                        if ox >= wo:
+                            q += Wp - ox
+                            continue
+                        b, p, m = chunk // per, oy * wo + ox, min(wo - ox, nq - q)
+                    else:
+                        b = (q0 + q) // P
+                        p = q0 + q - b * P
+                        m = min(P - p, nq - q)
+                    run_col[nr], run_out[nr], run_len[nr] = q, b * N * P + p, m
+                    nr += 1
+                    q += m
             for n in range(s0 * MR, min(N, s1 * MR)):
                 if by_taps:    # runs of 1-6 positions: value by value (one core, 3x3 basis
                     # layer at 8x8, batch 16: 0.97-0.98 of the time by runs; a run's set-up)
