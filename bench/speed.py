@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import platform
 import statistics
@@ -313,23 +314,14 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
                 f"{p['ms']:.2f} | {p['img_s']:.0f} | {o['ms'] / e['ms']:.2f}x ({r['vs_ort_rounds'][0]:.2f}-"
                 f"{r['vs_ort_rounds'][-1]:.2f}) | {p['ms'] / e['ms']:.2f}x | "
                 f"{r['err']['engine']:.1e} / {r['err']['ort']:.1e} |")
-        by = {(r["model"], r["batch"]): r for r in res["rows"]}
-        speedups = []
-        for net in ("vgg16", "resnet18"):
-            for variant in ("basis", "tt"):
-                for B in sorted({r["batch"] for r in res["rows"]}):
-                    d, c = by.get((f"{net}-dense", B)), by.get((f"{net}-{variant}", B))
-                    if d and c:
-                        red = d["macs"] / c["macs"]
-                        s = {k: sorted(a / b for a, b in zip(d[k]["rounds"], c[k]["rounds"]))
-                             for k in ("engine", "onnxruntime", "pytorch")}
-                        mid = {k: statistics.median(v) for k, v in s.items()}
-                        speedups.append(
-                            f"| {net} {variant} | {B} | {red:.2f}x | {mid['engine']:.2f}x "
-                            f"({mid['engine'] / red:.2f} of the MAC reduction; rounds "
-                            f"{s['engine'][0] / red:.2f}-{s['engine'][-1] / red:.2f}) | "
-                            + " | ".join(f"{mid[k]:.2f}x ({mid[k] / red:.2f})"
-                                         for k in ("onnxruntime", "pytorch")) + " |")
+        speedups = [
+            f"| {net} {variant} | {B} | {c['reduction']:.2f}x | {c['engine']:.2f}x "
+            f"({c['engine'] / c['reduction']:.2f} of the MAC reduction; rounds "
+            f"{c['engine_rounds'][0] / c['reduction']:.2f}-"
+            f"{c['engine_rounds'][-1] / c['reduction']:.2f}) | "
+            + " | ".join(f"{c[k]:.2f}x ({c[k] / c['reduction']:.2f})"
+                         for k in ("onnxruntime", "pytorch")) + " |"
+            for (net, variant, B), c in compressed_vs_dense(res).items()]
         idle = [r for r in res["rows"] if "idle" in r]
         if idle:
             lines += ["", f"Batch 1 for a sporadic caller: each call after {IDLE_GAP * 1e3:.0f} ms "
@@ -351,7 +343,76 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
                   f"imports, load, first call): Numba cache warm {cs['warm']:.2f} s (runs "
                   f"{', '.join(f'{t:.2f}' for t in cs['warm_all'])}), cold (empty NUMBA_CACHE_DIR, "
                   f"every kernel compiled) {cs['cold']:.2f} s."]
+    met = targets(res, cs)
+    if met:
+        lines += ["", "Targets (issue #6), from the tables above; 'of SGEMM': the engine's "
+                  "effective GFLOP/s as a fraction of the run's SGEMM rate:", "",
+                  "| target | this run | rounds | of SGEMM | met |", "|---|---|---|---|---|",
+                  *met]
     return "\n".join(lines) + "\n"
+
+
+def compressed_vs_dense(res: dict) -> dict:
+    """{(net, variant, batch): time speedup of the compressed net over the dense one per
+    runtime (the median over the rounds of each round's dense / compressed time), the engine's
+    per round (sorted), and the MAC reduction}, for the nets the run has both of."""
+    by = {(r["model"], r["batch"]): r for r in res["rows"]}
+    out = {}
+    nets = dict.fromkeys(m.split("-")[0] for m, _ in by)
+    for net, variant, B in itertools.product(nets, ("basis", "tt"), sorted({b for _, b in by})):
+        d, c = by.get((f"{net}-dense", B)), by.get((f"{net}-{variant}", B))
+        if d is None or c is None:
+            continue
+        ratios = {k: sorted(a / b for a, b in zip(d[k]["rounds"], c[k]["rounds"]))
+                  for k in ("engine", "onnxruntime", "pytorch")}
+        out[net, variant, B] = {"reduction": d["macs"] / c["macs"],
+                                "engine_rounds": ratios["engine"],
+                                **{k: statistics.median(v) for k, v in ratios.items()}}
+    return out
+
+
+# issue #6's targets: (what, model, batch, measure, bound). Measures: "vs ORT" ORT time /
+# engine time (>= bound), "latency" engine time / ORT time (<= bound), "of MACs" the engine's
+# compressed-vs-dense speedup / the MAC reduction (>= bound)
+TARGETS = [("BasisConv VGG-16 throughput vs ORT", "vgg16-basis", 16, "vs ORT", 1.0),
+           ("BasisConv VGG-16 latency vs ORT's", "vgg16-basis", 1, "latency", 1.25),
+           ("dense VGG-16 throughput vs ORT", "vgg16-dense", 16, "vs ORT", 0.9),
+           ("dense ResNet-18 throughput vs ORT", "resnet18-dense", 16, "vs ORT", 0.9),
+           *((f"{title} compressed vs dense, of the MAC reduction", f"{net}-basis", B,
+              "of MACs", 0.8) for net, title in (("vgg16", "VGG-16"), ("resnet18", "ResNet-18"))
+             for B in (1, 16))]
+WARM_START_MAX = 2.0  # s: the first output in a fresh process, Numba's cache warm
+
+
+def targets(res: dict | None, cs: dict | None) -> list[str]:
+    """Table rows: each of TARGETS the run measured (value, its range over the rounds, the
+    engine's fraction of SGEMM, met), and the warm start."""
+    rows = []
+    if res:
+        sg = (res["sgemm_start"] + res["sgemm_end"]) / 2
+        by = {(r["model"], r["batch"]): r for r in res["rows"]}
+        speedups = compressed_vs_dense(res)
+        for what, model, B, measure, bound in TARGETS:
+            r, c = by.get((model, B)), speedups.get((model.split("-")[0], "basis", B))
+            if r is None or (measure == "of MACs" and c is None):
+                continue
+            e, o, rounds = r["engine"], r["onnxruntime"], r["vs_ort_rounds"]
+            if measure == "of MACs":
+                value = c["engine"] / c["reduction"]
+                rounds = [v / c["reduction"] for v in c["engine_rounds"]]
+            elif measure == "latency":
+                value, rounds = e["ms"] / o["ms"], [1 / v for v in rounds[::-1]]
+            else:
+                value = o["ms"] / e["ms"]
+            ok = value <= bound if measure == "latency" else value >= bound
+            sign = "<=" if measure == "latency" else ">="
+            rows.append(f"| {what}, batch {B} {sign} {bound:g} | {value:.2f} | "
+                        f"{rounds[0]:.2f}-{rounds[-1]:.2f} "
+                        f"| {e['gflops'] / sg:.2f} | {'yes' if ok else '**no**'} |")
+    if cs:
+        rows.append(f"| first output, warm cache <= {WARM_START_MAX:g} s | {cs['warm']:.2f} s | | "
+                    f"| {'yes' if cs['warm'] <= WARM_START_MAX else '**no**'} |")
+    return rows
 
 
 INTRO = (f"{HEADING}\n\nbench/speed.py: the engine, PyTorch eager and ONNX Runtime on the same "
