@@ -26,7 +26,7 @@ load_all()
 # a following eval BatchNorm folds into them
 BN_FOLDABLE = {"conv2d": "weight", "linear": "weight", "basis_conv2d": "combine", "basis_linear": "combine"}
 LAST_AXIS_OUTPUTS = {"linear", "basis_linear"}
-ACT_TARGETS = set(BN_FOLDABLE) | {"batch_norm"}    # ops whose kernels fuse a residual add and act
+ACT_TARGETS = set(BN_FOLDABLE) | {"batch_norm"}    # ops that take a residual add and act fused
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_ATTR_DEPTH = 8
 

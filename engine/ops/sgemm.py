@@ -514,8 +514,8 @@ def sgemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack, packed_a=None):
     """Row-major C = A @ B over flat float32 arrays, single-threaded:
     c[oc + i*ldc + j] = sum_l a[oa + i*lda + l] * B[l, j] for i < m, j < n, where B[l, j] is
     b[ob + l*ldb + j], or b[ob + j*ldb + l] when tb (B stored transposed). pack: the caller's
-    scratch for the packed panels, at least pack_size(m, n, k) values (allocated here on every
-    call, they page-faulted on every call: the heap gives large blocks back to the OS).
+    scratch for the packed panels, at least pack_size(m, n, k) values (when this allocated them,
+    they page-faulted on every call: the heap gives large blocks back to the OS).
     packed_a: A already packed by pack_rows (a weight called with image after image: its
     packing took 7% of a 225 x 128 x 256 product), read instead of a."""
     if m <= 0 or n <= 0:
