@@ -10,6 +10,7 @@ what one call holds at once; at load, the ops of a batch-1 run.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -131,6 +132,8 @@ class Step:
     output: str                # tensor name it produces (the last fused node's name)
     frees: tuple[str, ...]     # tensors dead after this step
     residual: str | None = None  # tensor added to its output before `act` (a fused add), or None
+    covers: tuple[str, ...] = ()  # the file's nodes it runs: its own, then the BN, add and
+                                  # activation fused into it
 
 
 class Plan:
@@ -235,9 +238,10 @@ class Plan:
                     held -= size.pop(b)
         return peak
 
-    def run(self, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, xs: dict[str, np.ndarray], timings: list | None = None) -> dict[str, np.ndarray]:
         """Run the fused steps; returns the graph outputs by node name. Each step's output is
-        its planned range of the call's arena where it has one (engine/buffers.py)."""
+        its planned range of the call's arena where it has one (engine/buffers.py). timings (a
+        list): each step's seconds appended to it, in order (`basisconv bench --layers`)."""
         input_shapes = {k: tuple(x.shape) for k, x in xs.items()}
         _, layout = self._check(input_shapes, keep_all=False)
         env = dict(xs)
@@ -246,8 +250,11 @@ class Plan:
             for (launch, inputs, residual, output, frees), out in zip(
                     self._program, arena.outputs(tuple(input_shapes.values()), layout)):
                 arena.out = out
+                start = time.perf_counter() if timings is not None else 0.0
                 env[output] = launch([env[i] for i in inputs],
                                      None if residual is None else env[residual])
+                if timings is not None:
+                    timings.append(time.perf_counter() - start)
                 for t in frees:
                     del env[t]
         finally:
@@ -260,11 +267,12 @@ def _lower(graph: Graph, shapes: dict) -> list[Step]:
     by_name = {n.name: n for n in graph.nodes}
     absorbed: set[str] = set()
     available = {t.name for t in graph.inputs}           # tensors produced by earlier steps
-    fused: list[tuple[Node, tuple | None, str, str | None]] = []
+    fused: list[tuple[Node, tuple | None, str, str | None, tuple]] = []
     for n in graph.nodes:
         if n.name in absorbed:
             continue
         node, act, out, residual = OPS[n.op].lowered(n), None, n.name, None
+        covers = [n.name]
         if node.op in ACT_TARGETS:
             nxt = _sole_consumer(out, users, by_name)
             # BN normalises axis 1: foldable when that is the producer's output-channel axis
@@ -274,6 +282,7 @@ def _lower(graph: Graph, shapes: dict) -> list[Step]:
                 node = _fold_bn(node, nxt, BN_FOLDABLE[node.op])
                 absorbed.add(nxt.name)
                 out = nxt.name
+                covers.append(out)
                 nxt = _sole_consumer(out, users, by_name)
             # a residual add out + r (r computed by an earlier step, same shape): into the epilogue
             if nxt is not None and nxt.op == "add" and len(nxt.inputs) == 2 and "scalar" not in nxt.attrs:
@@ -282,26 +291,28 @@ def _lower(graph: Graph, shapes: dict) -> list[Step]:
                     residual = other
                     absorbed.add(nxt.name)
                     out = nxt.name
+                    covers.append(out)
                     nxt = _sole_consumer(out, users, by_name)
             act_of = getattr(OPS[nxt.op], "act", None) if nxt is not None else None  # activations
             if act_of is not None:
                 act = act_of(nxt)
                 absorbed.add(nxt.name)
                 out = nxt.name
-        fused.append((node, act, out, residual))
+                covers.append(out)
+        fused.append((node, act, out, residual, tuple(covers)))
         available.add(out)
     # free each tensor after the step that reads it last (graph outputs are never freed)
     keep = {n for _, n in graph.outputs}
     last_use: dict[str, int] = {}
-    for i, (node, _, _, residual) in enumerate(fused):
+    for i, (node, _, _, residual, _) in enumerate(fused):
         for t in [*node.inputs, *([residual] if residual else [])]:
             last_use[t] = i
     frees: list[list[str]] = [[] for _ in fused]
     for t, i in last_use.items():
         if t not in keep:
             frees[i].append(t)
-    return [Step(node, act, out, tuple(fr), residual)
-            for (node, act, out, residual), fr in zip(fused, frees)]
+    return [Step(node, act, out, tuple(fr), residual, covers)
+            for (node, act, out, residual, covers), fr in zip(fused, frees)]
 
 
 def _sole_consumer(tensor: str, users: dict, by_name: dict) -> Node | None:

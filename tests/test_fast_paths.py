@@ -561,6 +561,7 @@ def test_residual_add_fused_into_conv():
     assert len(model.plan.steps) == 2                          # sc, then c1 + bn + add + relu
     assert len(fused) == 1 and fused[0].node.name == "c1" and fused[0].residual == "sc"
     assert fused[0].act == ("relu",) and fused[0].output == "relu" and "sc" in fused[0].frees
+    assert [s.covers for s in model.plan.steps] == [("sc",), ("c1", "b1", "add", "relu")]
     x = rand(3, 3, 6, 6)
     close(model(x), model.activations(x, kernels="reference")["relu"])
 
@@ -751,6 +752,29 @@ def test_cli_bench_times_the_engine_alone(tmp_path, capsys):
     assert out["input_shapes"] == [[3, 3, 8, 8]] and out["runs"] >= 2 and out["macs"] == 3 * 4 * 64 * 27
     assert main(["bench", str(path), "--seconds", "0.05", "--min-runs", "2"]) == 0
     assert "engine only: --onnx" in capsys.readouterr().out
+
+
+def test_cli_bench_times_each_plan_step(tmp_path, capsys):
+    """--layers: one row per plan step, naming the file's nodes fused into it (every node
+    once), with their MACs (summing to the call's), a time and its share of the steps' total."""
+    import json
+
+    from engine.cli import main
+    path = tmp_path / "m.h5"
+    fmt.save(path, _residual_graph(), fmt.References())
+    bench = ["bench", str(path), "--batch", "2", "--seconds", "0.05", "--min-runs", "3", "--layers"]
+    assert main(bench + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert main(bench) == 0
+    text = capsys.readouterr().out
+    rows = out["layers"]
+    assert [(r["op"], r["nodes"], r["output_shape"]) for r in rows] == [
+        ("conv2d", ["sc"], [2, 4, 6, 6]), ("conv2d", ["c1", "b1", "add", "relu"], [2, 4, 6, 6])]
+    assert [r["macs"] for r in rows] == [2 * 36 * 4 * 3, 2 * 36 * 4 * 27]
+    assert sum(r["macs"] for r in rows) == out["macs"]
+    assert all(r["median_ms"] > 0 and r["calls"] >= 3 for r in rows)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert "c1, b1, add, relu" in text and "per plan step" in text
 
 
 NETS = """import torch
