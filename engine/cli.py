@@ -310,7 +310,7 @@ def _step_profile(model, xs: tuple, shapes: list, calls: int) -> list[dict]:
         m = sum(macs[n] for n in st.covers)
         rows.append({"step": i, "op": st.node.op, "nodes": list(st.covers),
                      "output_shape": list(out_shapes[st.output]), "median_ms": med * 1e3,
-                     "share": med / total, "macs": m, "gflops": 2 * m / med / 1e9,
+                     "share": med / total, "macs": m, "gflops": 2 * m / med / 1e9 if med else 0.0,
                      "calls": calls})
     return rows
 

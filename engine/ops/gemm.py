@@ -1895,8 +1895,8 @@ def _kn2row_batched(x, wk, w2, bias, res, has_res, act, a0, a1, kh, kw, dh, dw, 
                     groups, split1, split2, out, xcols, Y, s_buf, tmp, packs):
     """Basis conv, stride 1, the whole batch at once: xcols (C, B*H*W) <- x; Y (G*kh*kw*M,
     B*H*W) = wk @ xcols per group (T slices by rows if split1, else columns); s_buf (G*M, B*P)
-    <- shifted adds (prange over (image, group, part of M)); tmp (N, B*P) = combine @ s_buf and the
-    epilogue, as _batched (packs (T, ...): the slices' sgemm scratch)."""
+    <- shifted adds (prange over (image, group, part of M)); tmp (N, B*P) = combine @ s_buf and
+    the epilogue, as _batched (packs (T, ...): the slices' sgemm scratch)."""
     B, C, H, W = x.shape
     N, P = out.shape[1], out.shape[2]
     HW = H * W
