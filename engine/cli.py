@@ -250,7 +250,7 @@ def cmd_bench(a) -> int:
               "macs": macs, "rounds": rounds, "calls_per_round": calls, **runtimes.pop("engine"),
               "peers": runtimes}
     if a.layers:
-        result["layers"] = _step_profile(model, xs, shapes, max(a.min_runs, rounds * calls))
+        result["layers"] = model.profile(x, max(a.min_runs, rounds * calls))
     for name, r in runtimes.items():
         if r["max_error_vs_engine"] > 1e-3:
             print(f"warning: {name}'s outputs differ from the engine's by "
@@ -284,35 +284,6 @@ def cmd_bench(a) -> int:
                   f"{r['median_ms']:8.3f} {r['share']:6.1%} {r['macs']:13,d} {r['gflops']:8.1f}  "
                   f"{', '.join(r['nodes'])}")
     return 0
-
-
-def _step_profile(model, xs: tuple, shapes: list, calls: int) -> list[dict]:
-    """Each plan step's median time over `calls` calls on xs (Plan.run's timings), with the
-    file's nodes fused into it, their MACs (the engine's count) and the effective GFLOP/s: where
-    a call's time goes, layer by layer."""
-    import statistics
-
-    plan = model.plan
-    inputs = model._inputs(xs if len(xs) > 1 else xs[0])
-    times = [[] for _ in plan.steps]
-    for _ in range(calls):
-        timings = []
-        plan.run(inputs, timings)
-        for per_step, t in zip(times, timings):
-            per_step.append(t)
-    counts = model.count(shapes[0] if len(shapes) == 1 else shapes)
-    macs = {r.name: r.macs for r in counts.nodes}
-    out_shapes = plan.check_inputs(inputs)
-    medians = [statistics.median(t) for t in times]
-    total = sum(medians)
-    rows = []
-    for i, (st, med) in enumerate(zip(plan.steps, medians)):
-        m = sum(macs[n] for n in st.covers)
-        rows.append({"step": i, "op": st.node.op, "nodes": list(st.covers),
-                     "output_shape": list(out_shapes[st.output]), "median_ms": med * 1e3,
-                     "share": med / total, "macs": m, "gflops": 2 * m / med / 1e9 if med else 0.0,
-                     "calls": calls})
-    return rows
 
 
 def _outputs(y) -> list[np.ndarray]:

@@ -90,6 +90,34 @@ class Model:
         from .count import count
         return count(self, input_shape, executed=executed)
 
+    def profile(self, x, calls: int = 20) -> list[dict]:
+        """Where a call's time goes: per plan step (a conv with the BN, add and activation
+        fused into it, ...) its median time over `calls` calls on x, its share of their sum, the
+        file's nodes it runs, its output shape, their MACs (the engine's count) and the
+        effective GFLOP/s (2 x MACs / time)."""
+        import statistics
+
+        inputs = self._inputs(x)
+        times = [[] for _ in self.plan.steps]
+        for _ in range(calls):
+            timings = []
+            self.plan.run(inputs, timings)
+            for per_step, t in zip(times, timings):
+                per_step.append(t)
+        in_shapes = [a.shape for a in inputs.values()]
+        counted = self.count(in_shapes if len(in_shapes) > 1 else in_shapes[0])
+        macs = {r.name: r.macs for r in counted.nodes}
+        shapes = self.plan.check_inputs(inputs)
+        medians = [statistics.median(t) for t in times]
+        rows = []
+        for i, (st, med) in enumerate(zip(self.plan.steps, medians)):
+            m = sum(macs[n] for n in st.covers)
+            rows.append({"step": i, "op": st.node.op, "nodes": list(st.covers),
+                         "output_shape": list(shapes[st.output]), "median_ms": med * 1e3,
+                         "share": med / sum(medians), "macs": m,
+                         "gflops": 2 * m / med / 1e9 if med else 0.0, "calls": calls})
+        return rows
+
 
 def format_shape(shape) -> str:
     """(B, 3, 32, 32) for a declared shape whose batch is free."""

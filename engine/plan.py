@@ -241,7 +241,7 @@ class Plan:
     def run(self, xs: dict[str, np.ndarray], timings: list | None = None) -> dict[str, np.ndarray]:
         """Run the fused steps; returns the graph outputs by node name. Each step's output is
         its planned range of the call's arena where it has one (engine/buffers.py). timings (a
-        list): each step's seconds appended to it, in order (`basisconv bench --layers`)."""
+        list): each step's seconds appended to it, in order (Model.profile)."""
         input_shapes = {k: tuple(x.shape) for k, x in xs.items()}
         _, layout = self._check(input_shapes, keep_all=False)
         env = dict(xs)

@@ -564,6 +564,9 @@ def test_residual_add_fused_into_conv():
     assert [s.covers for s in model.plan.steps] == [("sc",), ("c1", "b1", "add", "relu")]
     x = rand(3, 3, 6, 6)
     close(model(x), model.activations(x, kernels="reference")["relu"])
+    steps = model.profile(x, calls=3)                          # Model.profile: per step
+    assert [(r["nodes"], r["macs"], r["calls"]) for r in steps] == [
+        (["sc"], 3 * 36 * 4 * 3, 3), (["c1", "b1", "add", "relu"], 3 * 36 * 4 * 27, 3)]
 
 
 def test_broadcasting_add_is_not_fused():
