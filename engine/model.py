@@ -109,12 +109,13 @@ class Model:
         macs = {r.name: r.macs for r in counted.nodes}
         shapes = self.plan.check_inputs(inputs)
         medians = [statistics.median(t) for t in times]
+        total = sum(medians)
         rows = []
         for i, (st, med) in enumerate(zip(self.plan.steps, medians)):
             m = sum(macs[n] for n in st.covers)
             rows.append({"step": i, "op": st.node.op, "nodes": list(st.covers),
                          "output_shape": list(shapes[st.output]), "median_ms": med * 1e3,
-                         "share": med / sum(medians), "macs": m,
+                         "share": med / total, "macs": m,
                          "gflops": 2 * m / med / 1e9 if med else 0.0, "calls": calls})
         return rows
 
