@@ -179,6 +179,8 @@ def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack, packed_a=None):
 def _activation(v, act, lo, hi):
     """act(v) by the epilogue's code (0 none, 1 relu, 2 clip lo..hi, 3 leaky_relu slope lo),
     NaN propagating."""
+    if act == 0:
+        return v
     if act == 1:
         return np.float32(0.0) if v < 0 else v
     if act == 2:
