@@ -194,7 +194,9 @@ def cmd_count(a) -> int:
 def cmd_bench(a) -> int:
     """The engine's speed on this model file at --batch, alone or against ONNX Runtime (--onnx,
     or the --torch model exported) and PyTorch eager (--torch), interleaved on the same inputs
-    with as many threads each."""
+    with as many threads each; --against: the engine on another file of the same inputs (the
+    dense original of a compressed model), timed alternately: how much of the MAC reduction
+    becomes time saved."""
     import statistics
     import time
 
@@ -212,45 +214,65 @@ def cmd_bench(a) -> int:
     rng = np.random.default_rng(0)
     xs = tuple(rng.standard_normal(s, dtype=np.float32) for s in shapes)
     x = xs[0] if len(xs) == 1 else xs
-    macs = model.count(shapes[0] if len(shapes) == 1 else shapes).total["macs"]
+    in_shapes = shapes[0] if len(shapes) == 1 else shapes
+    macs = model.count(in_shapes).total["macs"]
     t0 = time.perf_counter()
     want = _outputs(model(x))
     first = time.perf_counter() - t0
-    fns = {"engine": lambda: model(x)}
+    fns = {("model", "engine"): lambda: model(x)}
     errs = {}
     for name, (fn, got) in _peers(a, xs, threads).items():
-        fns[name] = fn
+        fns["model", name] = fn
         errs[name] = _max_error(got, want, name)
+    other = None
+    if a.against:
+        other = load(a.against)
+        try:
+            other(x)
+        except InputError as e:
+            raise InputError(f"--against {a.against} does not take {a.model}'s inputs: {e}") \
+                from None
+        fns["against", "engine"] = lambda: other(x)
     for f in fns.values():
         for _ in range(a.warmup):
             f()
     per_call = {}
-    for name, f in fns.items():
+    for key, f in fns.items():
         t = time.perf_counter()
         f()
-        per_call[name] = time.perf_counter() - t
+        per_call[key] = time.perf_counter() - t
     rounds = a.rounds if len(fns) > 1 else 1
     calls = max(-(-a.min_runs // rounds), int(a.seconds / rounds / sum(per_call.values())))
-    times = interleaved({(a.model, k): f for k, f in fns.items()}, calls, rounds,
-                        pause=0.25 if len(fns) > 1 else 0.0)
+    times = interleaved(fns, calls, rounds, pause=0.25 if len(fns) > 1 else 0.0)
     B = shapes[0][0]
+    engine_rounds = round_medians(times["model", "engine"], calls)
     runtimes = {}
-    for name in fns:
-        ts = times[a.model, name]
+    for name in [runtime for m, runtime in fns if m == "model"]:
+        ts = times["model", name]
         med = statistics.median(ts)
         runtimes[name] = {"median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "images_per_s": B / med,
                           "gflops": 2 * macs / med / 1e9, "runs": len(ts)}
         if name != "engine":   # its time / the engine's, per round (> 1: the engine is faster)
-            ratios = sorted(p / e for p, e in zip(round_medians(ts, calls),
-                                                  round_medians(times[a.model, "engine"], calls)))
+            ratios = sorted(p / e for p, e in zip(round_medians(ts, calls), engine_rounds))
             runtimes[name].update(engine_speedup=statistics.median(ratios),
                                   engine_speedup_rounds=[ratios[0], ratios[-1]],
                                   max_error_vs_engine=errs[name])
     result = {"model": a.model, "input_shapes": shapes, "threads": threads, "first_call_s": first,
               "macs": macs, "rounds": rounds, "calls_per_round": calls, **runtimes.pop("engine"),
               "peers": runtimes}
+    if other is not None:   # its time / this model's, per round: this model's speedup
+        ts = times["against", "engine"]
+        ratios = sorted(d / e for d, e in zip(round_medians(ts, calls), engine_rounds))
+        other_macs = other.count(in_shapes).total["macs"]
+        speedup = statistics.median(ratios)
+        result["against"] = {"model": a.against, "macs": other_macs,
+                             "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
+                             "speedup": speedup, "speedup_rounds": [ratios[0], ratios[-1]],
+                             "mac_reduction": other_macs / macs,
+                             "of_mac_reduction": speedup * macs / other_macs}
     if a.layers:
-        result["layers"] = model.profile(x, max(a.min_runs, rounds * calls))
+        result["layers"] = model.profile(x, max(a.min_runs, rounds * calls), against=other,
+                                         rounds=rounds)
     for name, r in runtimes.items():
         if r["max_error_vs_engine"] > 1e-3:
             print(f"warning: {name}'s outputs differ from the engine's by "
@@ -274,15 +296,31 @@ def cmd_bench(a) -> int:
     if not runtimes:
         print("engine only: --onnx FILE.onnx adds ONNX Runtime, --torch FILE.py:FACTORY PyTorch "
               "(and ONNX Runtime on its export)")
+    if other is not None:
+        r = result["against"]
+        lo, hi = r["speedup_rounds"]
+        print(f"against {a.against}: {r['median_ms']:.3f} ms median, {r['macs']:,} MACs per call "
+              f"({r['mac_reduction']:.2f}x this model's); this model {r['speedup']:.2f}x as fast "
+              f"(rounds {lo:.2f}-{hi:.2f}): {r['of_mac_reduction']:.2f} of the MAC reduction "
+              f"turned into time")
     if a.layers:
         print(f"\nper plan step (median of {result['layers'][0]['calls']} calls; nodes: the file's, "
-              f"fused into the step):")
+              f"fused into the step" + ("; against: the other model's steps running the same "
+                                        "nodes, the speedup and MAC reduction vs them):"
+                                        if other is not None else "):"))
         print(f"{'step':>4s} {'op':19s} {'output':20s} {'ms':>8s} {'share':>6s} {'MACs':>13s} "
-              f"{'GFLOP/s':>8s}  nodes")
+              f"{'GFLOP/s':>8s}" + (f" {'against':>8s} {'speedup':>8s} {'MACs/':>6s} {'of it':>5s}"
+                                    if other is not None else "") + "  nodes")
         for r in result["layers"]:
-            print(f"{r['step']:4d} {r['op']:19s} {str(tuple(r['output_shape'])):20s} "
-                  f"{r['median_ms']:8.3f} {r['share']:6.1%} {r['macs']:13,d} {r['gflops']:8.1f}  "
-                  f"{', '.join(r['nodes'])}")
+            line = (f"{r['step']:4d} {r['op']:19s} {str(tuple(r['output_shape'])):20s} "
+                    f"{r['median_ms']:8.3f} {r['share']:6.1%} {r['macs']:13,d} {r['gflops']:8.1f}")
+            if other is not None:
+                v = r["against"]
+                line += (f" {'-':>8s} {'':8s} {'':6s} {'':5s}" if v is None else
+                         f" {v['median_ms']:8.3f} {v['speedup']:7.2f}x " + (
+                             f"{v['mac_reduction']:5.2f}x {v['speedup'] / v['mac_reduction']:5.2f}"
+                             if v["mac_reduction"] else f"{'':6s} {'':5s}"))
+            print(line + f"  {', '.join(r['nodes'])}")
     return 0
 
 
@@ -439,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--state-dict", help="--torch's weights (torch.load(weights_only=True))")
     e.add_argument("--rounds", type=int, default=7, help="with peers: rounds of interleaved calls "
                    "(the engine's speed vs each is the median of the rounds' ratios)")
+    e.add_argument("--against", metavar="DENSE_MODEL", help="also time the engine on this model "
+                   "(the same inputs; alternating with MODEL): MODEL's speedup against it and the "
+                   "share of the MAC reduction it turns into time; with --layers per step too "
+                   "(matched by node name)")
     e.add_argument("--layers", action="store_true", help="also time each plan step (a conv with "
                    "its fused BN, add and activation, ...): where the time goes, layer by layer")
     e.add_argument("--json", action="store_true")

@@ -90,25 +90,45 @@ class Model:
         from .count import count
         return count(self, input_shape, executed=executed)
 
-    def profile(self, x, calls: int = 20) -> list[dict]:
+    def profile(self, x, calls: int = 20, against: "Model | None" = None,
+                rounds: int = 4) -> list[dict]:
         """Where a call's time goes: per plan step (a conv with the BN, add and activation
         fused into it, ...) its median time over `calls` calls on x, its share of their sum, the
         file's nodes it runs, its output shape, their MACs (the engine's count) and the
-        effective GFLOP/s (2 x MACs / time)."""
+        effective GFLOP/s (2 x MACs / time).
+        against: another model of the same inputs (the dense original of a compressed one),
+        timed in alternating rounds with this one so that a shared machine's phases fall on
+        both; each row then also holds, under "against", the steps of that model running the
+        same nodes (matched by name; None where they run others too): their time and MACs, and
+        how many times this step's they are (the speedup, and the MAC reduction it had to
+        turn into time)."""
         import statistics
 
-        inputs = self._inputs(x)
-        times = [[] for _ in self.plan.steps]
-        for _ in range(calls):
-            timings = []
-            self.plan.run(inputs, timings)
-            for per_step, t in zip(times, timings):
-                per_step.append(t)
+        models = [self] if against is None else [self, against]
+        rounds = 1 if against is None else rounds
+        per_round = -(-calls // rounds)
+        runs = [(m, m._inputs(x), [[] for _ in m.plan.steps]) for m in models]
+        for r in range(rounds):
+            for m, inputs, times in runs[r % 2:] + runs[:r % 2]:     # the order alternated
+                m.plan.run(inputs)              # after the other model: caches refilled
+                for _ in range(per_round):
+                    timings = []
+                    m.plan.run(inputs, timings)
+                    for per_step, t in zip(times, timings):
+                        per_step.append(t)
+        rows = [m._profile_rows(inputs, [statistics.median(t) for t in times], rounds * per_round)
+                for m, inputs, times in runs]
+        if against is not None:
+            for row in rows[0]:
+                row["against"] = _matching(row, rows[1])
+        return rows[0]
+
+    def _profile_rows(self, inputs: dict, medians: list, calls: int) -> list[dict]:
+        """profile's rows, from each plan step's median time over `calls` calls."""
         in_shapes = [a.shape for a in inputs.values()]
         counted = self.count(in_shapes if len(in_shapes) > 1 else in_shapes[0])
         macs = {r.name: r.macs for r in counted.nodes}
         shapes = self.plan.check_inputs(inputs)
-        medians = [statistics.median(t) for t in times]
         total = sum(medians)
         rows = []
         for i, (st, med) in enumerate(zip(self.plan.steps, medians)):
@@ -118,6 +138,19 @@ class Model:
                          "share": med / total, "macs": m,
                          "gflops": 2 * m / med / 1e9 if med else 0.0, "calls": calls})
         return rows
+
+
+def _matching(row: dict, others: list[dict]) -> dict | None:
+    """The steps of `others` (profile rows of another model) that run the nodes of `row`, if
+    they run no others: their summed time and MACs, and their ratios to row's."""
+    nodes = set(row["nodes"])
+    same = [o for o in others if nodes & set(o["nodes"])]
+    if not same or set().union(*(o["nodes"] for o in same)) != nodes:
+        return None
+    ms, macs = sum(o["median_ms"] for o in same), sum(o["macs"] for o in same)
+    return {"steps": [o["step"] for o in same], "median_ms": ms, "macs": macs,
+            "speedup": ms / row["median_ms"] if row["median_ms"] else 0.0,
+            "mac_reduction": macs / row["macs"] if row["macs"] else None}
 
 
 def format_shape(shape) -> str:

@@ -780,6 +780,50 @@ def test_cli_bench_times_each_plan_step(tmp_path, capsys):
     assert "c1, b1, add, relu" in text and "per plan step" in text
 
 
+def test_cli_bench_against_the_dense_model(tmp_path, capsys):
+    """--against: the compressed model timed alternately with its dense original; its speedup
+    per round, the MAC reduction and the share of it turned into time; with --layers each step
+    beside the dense steps running the same nodes. A model of other inputs is refused by name."""
+    import json
+
+    from converters.basis import compress_graph
+    from engine.cli import main
+    dense, basis, other = tmp_path / "dense.h5", tmp_path / "basis.h5", tmp_path / "other.h5"
+    graph = _residual_graph()
+    fmt.save(dense, graph, fmt.References())
+    fmt.save(basis, compress_graph(graph, rank=1, force=True)[0], fmt.References())
+    bench = ["bench", str(basis), "--batch", "2", "--seconds", "0.05", "--min-runs", "4",
+             "--rounds", "2", "--against", str(dense), "--layers"]
+    assert main(bench + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    macs = {p: engine.load(p).count((2, 3, 6, 6)).total["macs"] for p in (basis, dense)}
+    against = out["against"]
+    assert out["macs"] == macs[basis] and against["macs"] == macs[dense]
+    assert against["mac_reduction"] == pytest.approx(macs[dense] / macs[basis])
+    lo, hi = against["speedup_rounds"]
+    assert 0 < lo <= against["speedup"] <= hi
+    assert against["of_mac_reduction"] == pytest.approx(against["speedup"] / against["mac_reduction"])
+    rows = out["layers"]
+    assert [r["nodes"] for r in rows] == [["sc"], ["c1", "b1", "add", "relu"]]
+    dense_macs = {n.name: n.macs for n in engine.load(dense).count((2, 3, 6, 6)).nodes}
+    for r in rows:                  # the same fusions: each step against the dense one
+        v = r["against"]
+        assert v["steps"] == [r["step"]] and v["median_ms"] > 0 and r["calls"] >= 4
+        assert v["macs"] == sum(dense_macs[n] for n in r["nodes"])
+        assert v["mac_reduction"] == pytest.approx(v["macs"] / r["macs"])
+        assert v["speedup"] == pytest.approx(v["median_ms"] / r["median_ms"])
+    assert main(bench) == 0
+    text = capsys.readouterr().out
+    assert f"against {dense}" in text and "of the MAC reduction" in text and "speedup" in text
+
+    conv = {"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": 1, "padding_mode": "zeros"}
+    fmt.save(other, Graph([TensorSpec("x", [None, 5, 6, 6])], [("y", "c")], "tensor",
+                          [Node("c", "conv2d", ["x"], conv, {"weight": rand(4, 5, 1, 1)})]),
+             fmt.References())
+    assert main(bench[:-2] + [str(other)]) == 1
+    assert f"--against {other} does not take {basis}'s inputs" in capsys.readouterr().err
+
+
 NETS = """import torch
 from torch import nn
 
