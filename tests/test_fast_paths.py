@@ -361,6 +361,24 @@ def test_packed_rows_layout():
     assert (p[:, 5:] == 0).all() and (p[-1, :, 14 - sgemm.MR * (p.shape[0] - 1):] == 0).all()
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["planes", "channels last"])
+@pytest.mark.parametrize("shape,pad", [((3, 16, 8, 8), (1, 1)), ((2, 24, 16, 16), (1, 1)),
+                                       ((2, 8, 4, 16), (2, 0)), ((2, 12, 8, 8), (1, 1)),
+                                       ((3, 16, 5, 6), (1, 2))])
+def test_pad_input_matches_numpy(shape, pad, channels_last):
+    """_pad_input: x zero-padded by pad (top/bottom, left/right) as planes, or channels last
+    (in 8 x 8 blocks transposed in registers where C and W are multiples of 8), on 2 threads."""
+    B, C, H, W = shape
+    x = rand(*shape)
+    Hp, Wp = H + 2 * pad[0], W + 2 * pad[1]
+    xq = np.full(B * C * Hp * Wp, np.nan, np.float32)
+    gemm._pad_input(x, pad[0], pad[1], Hp, Wp, xq, 2, channels_last)
+    want = np.pad(x, ((0, 0), (0, 0), (pad[0],) * 2, (pad[1],) * 2))
+    if channels_last:
+        want = want.transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(xq, want.ravel())
+
+
 @pytest.mark.parametrize("groups", [1, 2, 3])
 @pytest.mark.parametrize("shape", [
     (16, 4, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),

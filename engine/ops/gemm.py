@@ -765,23 +765,35 @@ def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst, cb=1):
 def _pad_input(x, pt, pl, Hp, Wp, xq, T, channels_last=False):
     """xq (B, C, Hp, Wp) flat = x zero-padded (_pad_planes at stride 1), a run of planes per
     thread (per plane: 4x the time on batch-1 4x4 layers); or xq (B, Hp, Wp, C) when
-    channels_last, a run of rows per thread."""
+    channels_last, a run of rows per thread, in 8 x 8 blocks transposed in registers where C
+    and the row's width allow (sgemm._transposed8; value by value, at batch 16 the 8x8 and
+    16x16 layers' inputs took 2x as long: 6-10% of a basis layer's time)."""
     B, C, H, W = x.shape
     P = B * (Hp if channels_last else C)
+    xf = x.ravel()
+    channel_rows = _steps(8, H * W)         # 8 channels' rows, from the first one's
     for t in prange(T):
         t0, t1 = t * P // T, (t + 1) * P // T
         if not channels_last:
             _pad_planes(x, t0, t1, 0, Hp, pt, pl, 1, 1, Wp, xq[t0 * Hp * Wp:t1 * Hp * Wp])
             continue
+        v0, v1 = max(0, -pl), min(W, Wp - pl)   # the columns of x inside the padded row
+        by8 = C % 8 == 0 and (v1 - v0) % 8 == 0
         for r in range(t0, t1):             # padded row u of image b
             b, u = r // Hp, r % Hp
             row = xq[r * Wp * C:(r + 1) * Wp * C]
             row[:] = 0.0
             y = u - pt
             if 0 <= y < H:
+                if by8:
+                    for c in range(0, C, 8):
+                        for v in range(v0, v1, 8):
+                            _transposed8(xq, (r * Wp + v + pl) * C + c, C, xf,
+                                         ((b * C + c) * H + y) * W + v, channel_rows, 0)
+                    continue
                 for c in range(C):
                     src = x[b, c, y]
-                    for v in range(max(0, -pl), min(W, Wp - pl)):
+                    for v in range(v0, v1):
                         row[np.uintp((v + pl) * C + c)] = src[v]
 
 
