@@ -765,9 +765,11 @@ def _pad_planes(x, t0, t1, u0, Hb, pt, pl, sh, sw, Wq, dst, cb=1):
 def _pad_input(x, pt, pl, Hp, Wp, xq, T, channels_last=False):
     """xq (B, C, Hp, Wp) flat = x zero-padded (_pad_planes at stride 1), a run of planes per
     thread (per plane: 4x the time on batch-1 4x4 layers); or xq (B, Hp, Wp, C) when
-    channels_last, a run of rows per thread, in 8 x 8 blocks transposed in registers where C
+    channels_last, a run of rows per thread: in 8 x 8 blocks transposed in registers where C
     and the row's width allow (sgemm._transposed8; value by value, at batch 16 the 8x8 and
-    16x16 layers' inputs took 2x as long: 6-10% of a basis layer's time)."""
+    16x16 layers' inputs took 2.2x as long: 6-10% of a basis layer's time), else column by
+    column, its channels stored in order (channel by channel, strided stores: 4x4 and 2x2
+    inputs at batch 16 took 1.8-2.5x as long)."""
     B, C, H, W = x.shape
     P = B * (Hp if channels_last else C)
     xf = x.ravel()
@@ -791,10 +793,10 @@ def _pad_input(x, pt, pl, Hp, Wp, xq, T, channels_last=False):
                             _transposed8(xq, (r * Wp + v + pl) * C + c, C, xf,
                                          ((b * C + c) * H + y) * W + v, channel_rows, 0)
                     continue
-                for c in range(C):
-                    src = x[b, c, y]
-                    for v in range(v0, v1):
-                        row[np.uintp((v + pl) * C + c)] = src[v]
+                for v in range(v0, v1):     # each column's channels, stored in order
+                    src = (b * C * H + y) * W + v
+                    for c in range(C):
+                        row[np.uintp((v + pl) * C + c)] = xf[np.uintp(src + c * H * W)]
 
 
 @njit(cache=True, parallel=True)
