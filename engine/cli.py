@@ -314,14 +314,18 @@ def cmd_bench(a) -> int:
         for r in result["layers"]:
             line = (f"{r['step']:4d} {r['op']:19s} {str(tuple(r['output_shape'])):20s} "
                     f"{r['median_ms']:8.3f} {r['share']:6.1%} {r['macs']:13,d} {r['gflops']:8.1f}")
-            if other is not None:
-                v = r["against"]
-                line += (f" {'-':>8s} {'':8s} {'':6s} {'':5s}" if v is None else
-                         f" {v['median_ms']:8.3f} {v['speedup']:7.2f}x " + (
-                             f"{v['mac_reduction']:5.2f}x {v['speedup'] / v['mac_reduction']:5.2f}"
-                             if v["mac_reduction"] else f"{'':6s} {'':5s}"))
+            if other is not None:       # '-' where the dense steps run other nodes too, or
+                v = r["against"] or {}  # there are no MACs to reduce
+                line += "".join(" " + (f.format(v[k]) if v.get(k) is not None
+                                       else "-".rjust(len(f.format(0))))
+                                for k, f in AGAINST_COLUMNS)
             print(line + f"  {', '.join(r['nodes'])}")
     return 0
+
+
+# bench --against --layers: the dense steps' columns (Model.profile's "against")
+AGAINST_COLUMNS = (("median_ms", "{:8.3f}"), ("speedup", "{:7.2f}x"), ("mac_reduction", "{:5.2f}x"),
+                   ("of_mac_reduction", "{:5.2f}"))
 
 
 def _outputs(y) -> list[np.ndarray]:

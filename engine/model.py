@@ -99,9 +99,9 @@ class Model:
         against: another model of the same inputs (the dense original of a compressed one),
         timed in alternating rounds with this one so that a shared machine's phases fall on
         both; each row then also holds, under "against", the steps of that model running the
-        same nodes (matched by name; None where they run others too): their time and MACs, and
-        how many times this step's they are (the speedup, and the MAC reduction it had to
-        turn into time)."""
+        same nodes (matched by name; None where they run others too): their time and MACs, how
+        many times this step's they are (the speedup, and the MAC reduction it had to turn into
+        time) and the speedup's share of that reduction."""
         import statistics
 
         models = [self] if against is None else [self, against]
@@ -142,15 +142,17 @@ class Model:
 
 def _matching(row: dict, others: list[dict]) -> dict | None:
     """The steps of `others` (profile rows of another model) that run the nodes of `row`, if
-    they run no others: their summed time and MACs, and their ratios to row's."""
+    they run no others: their summed time and MACs, their ratios to row's (the speedup, the
+    MAC reduction; None without MACs) and the speedup's share of the reduction."""
     nodes = set(row["nodes"])
     same = [o for o in others if nodes & set(o["nodes"])]
     if not same or set().union(*(o["nodes"] for o in same)) != nodes:
         return None
     ms, macs = sum(o["median_ms"] for o in same), sum(o["macs"] for o in same)
-    return {"steps": [o["step"] for o in same], "median_ms": ms, "macs": macs,
-            "speedup": ms / row["median_ms"] if row["median_ms"] else 0.0,
-            "mac_reduction": macs / row["macs"] if row["macs"] else None}
+    speedup = ms / row["median_ms"] if row["median_ms"] else 0.0
+    reduction = macs / row["macs"] if row["macs"] else None
+    return {"steps": [o["step"] for o in same], "median_ms": ms, "macs": macs, "speedup": speedup,
+            "mac_reduction": reduction, "of_mac_reduction": reduction and speedup / reduction}
 
 
 def format_shape(shape) -> str:

@@ -829,6 +829,7 @@ def test_cli_bench_against_the_dense_model(tmp_path, capsys):
         assert v["steps"] == [r["step"]] and v["median_ms"] > 0 and r["calls"] >= 4
         assert v["macs"] == sum(dense_macs[n] for n in r["nodes"])
         assert v["mac_reduction"] == pytest.approx(v["macs"] / r["macs"])
+        assert v["of_mac_reduction"] == pytest.approx(v["speedup"] / v["mac_reduction"])
         assert v["speedup"] == pytest.approx(v["median_ms"] / r["median_ms"])
     assert main(bench) == 0
     text = capsys.readouterr().out
