@@ -101,7 +101,8 @@ class Model:
         both; each row then also holds, under "against", the steps of that model running the
         same nodes (matched by name; None where they run others too): their time and MACs, how
         many times this step's they are (the speedup, and the MAC reduction it had to turn into
-        time) and the speedup's share of that reduction."""
+        time) and the speedup's share of that reduction. rounds: the alternations (with
+        against), each model's calls split evenly over them."""
         import statistics
 
         models = [self] if against is None else [self, against]

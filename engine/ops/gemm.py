@@ -178,7 +178,8 @@ def _gemm(tb, m, n, k, a, oa, lda, b, ob, ldb, c, oc, ldc, pack, packed_a=None):
 @njit(inline="always")
 def _activation(v, act, lo, hi):
     """act(v) by the epilogue's code (0 none, 1 relu, 2 clip lo..hi, 3 leaky_relu slope lo),
-    NaN propagating."""
+    NaN propagating. None is tested first: last, it cost the packed path's per-value epilogue
+    three compares a value (an 8x8 basis layer without activation 6-8% slower)."""
     if act == 0:
         return v
     if act == 1:
