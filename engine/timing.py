@@ -15,16 +15,20 @@ def interleaved(fns: dict, calls: int, rounds: int, pause: float = 0.25,
     turn `rounds` times, each time warm-up calls for `warmup` s (one at least) and `calls` timed
     calls, with `pause` s between runtimes. A round takes the runtimes in turn (order rotated),
     and each runtime its models back to back (order rotated): a runtime's models meet the same
-    phase of the machine. Why warm up for a time: after a pause the first ~10 ms of calls run
-    slow (clocks and thread pools coming up; BasisConv VGG-16 at batch 1 took 1.81, 1.40, 1.26,
-    1.23 ms, then 1.10-1.15), which one warm-up call of a short model does not cover."""
+    phase of the machine; a runtime need not run every model (`basisconv bench --against`: the
+    dense model on the engine alone). Why warm up for a time: after a pause the first ~10 ms of
+    calls run slow (clocks and thread pools coming up; BasisConv VGG-16 at batch 1 took 1.81,
+    1.40, 1.26, 1.23 ms, then 1.10-1.15), which one warm-up call of a short model does not
+    cover."""
     times = {k: [] for k in fns}
     runtimes = list(dict.fromkeys(r for _, r in fns))
     models = list(dict.fromkeys(m for m, _ in fns))
     for r in range(rounds):
         for runtime in runtimes[r % len(runtimes):] + runtimes[:r % len(runtimes)]:
             for model in models[r % len(models):] + models[:r % len(models)]:
-                f = fns[model, runtime]
+                f = fns.get((model, runtime))
+                if f is None:
+                    continue
                 until = time.perf_counter() + warmup
                 f()
                 while time.perf_counter() < until:

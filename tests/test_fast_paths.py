@@ -721,9 +721,11 @@ def test_interleaved_warms_up_for_a_time(monkeypatch, warmup, warm_calls):
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(timing.time, "sleep", lambda s: None)
     fns = {("net", r): (lambda r=r: call(r)) for r in ("engine", "ort")}
+    fns["dense", "engine"] = lambda: call("dense")      # a model on one runtime only
     times = timing.interleaved(fns, calls=5, rounds=2, warmup=warmup)
+    assert list(times) == list(fns)
     assert all(t == pytest.approx([0.004] * 10) for t in times.values())
-    assert made.count("engine") == made.count("ort") == 2 * (warm_calls + 5)
+    assert made.count("engine") == made.count("ort") == made.count("dense") == 2 * (warm_calls + 5)
 
 
 def test_speed_report_checks_the_targets():
@@ -881,6 +883,11 @@ def test_cli_bench_against_onnx_runtime_and_pytorch(tmp_path, capsys):
         assert peer["max_error_vs_engine"] <= 1e-5 and peer["runs"] == out["runs"]
         lo, hi = peer["engine_speedup_rounds"]
         assert 0 < lo <= peer["engine_speedup"] <= hi
+    # with --against too: that model on the engine alone, interleaved with the peers
+    assert main(bench + ["--torch", f"{src}:build", "--against", str(h5)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["peers"]) == ["onnxruntime", "pytorch"]
+    assert out["against"]["mac_reduction"] == 1.0 and out["against"]["speedup"] > 0
 
     from converters.loading import load_factory
     net = load_factory(f"{src}:build")
