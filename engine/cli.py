@@ -204,6 +204,7 @@ def cmd_bench(a) -> int:
 
     from . import load
     from .count import reference_input_shapes
+    from .model import mac_reduction
     from .timing import interleaved, round_medians
     if a.threads:
         numba.set_num_threads(a.threads)
@@ -246,6 +247,9 @@ def cmd_bench(a) -> int:
     times = interleaved(fns, calls, rounds, pause=0.25 if len(fns) > 1 else 0.0)
     B = shapes[0][0]
     engine_rounds = round_medians(times["model", "engine"], calls)
+
+    def per_round(ts):      # ts's time / the engine's, each round's medians: sorted
+        return sorted(t / e for t, e in zip(round_medians(ts, calls), engine_rounds))
     runtimes = {}
     for name in [runtime for m, runtime in fns if m == "model"]:
         ts = times["model", name]
@@ -253,7 +257,7 @@ def cmd_bench(a) -> int:
         runtimes[name] = {"median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "images_per_s": B / med,
                           "gflops": 2 * macs / med / 1e9, "runs": len(ts)}
         if name != "engine":   # its time / the engine's, per round (> 1: the engine is faster)
-            ratios = sorted(p / e for p, e in zip(round_medians(ts, calls), engine_rounds))
+            ratios = per_round(ts)
             runtimes[name].update(engine_speedup=statistics.median(ratios),
                                   engine_speedup_rounds=[ratios[0], ratios[-1]],
                                   max_error_vs_engine=errs[name])
@@ -262,14 +266,13 @@ def cmd_bench(a) -> int:
               "peers": runtimes}
     if other is not None:   # its time / this model's, per round: this model's speedup
         ts = times["against", "engine"]
-        ratios = sorted(d / e for d, e in zip(round_medians(ts, calls), engine_rounds))
+        ratios = per_round(ts)
         other_macs = other.count(in_shapes).total["macs"]
         speedup = statistics.median(ratios)
         result["against"] = {"model": a.against, "macs": other_macs,
                              "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
                              "speedup": speedup, "speedup_rounds": [ratios[0], ratios[-1]],
-                             "mac_reduction": other_macs / macs,
-                             "of_mac_reduction": speedup * macs / other_macs}
+                             **mac_reduction(speedup, macs, other_macs)}
     if a.layers:
         result["layers"] = model.profile(x, max(a.min_runs, rounds * calls), against=other,
                                          rounds=rounds)
@@ -299,10 +302,11 @@ def cmd_bench(a) -> int:
     if other is not None:
         r = result["against"]
         lo, hi = r["speedup_rounds"]
-        print(f"against {a.against}: {r['median_ms']:.3f} ms median, {r['macs']:,} MACs per call "
-              f"({r['mac_reduction']:.2f}x this model's); this model {r['speedup']:.2f}x as fast "
-              f"(rounds {lo:.2f}-{hi:.2f}): {r['of_mac_reduction']:.2f} of the MAC reduction "
-              f"turned into time")
+        print(f"against {a.against}: {r['median_ms']:.3f} ms median, {r['macs']:,} MACs per call; "
+              f"this model {r['speedup']:.2f}x as fast (rounds {lo:.2f}-{hi:.2f})"
+              + ("" if r["mac_reduction"] is None else
+                 f", with {r['mac_reduction']:.2f}x fewer MACs: {r['of_mac_reduction']:.2f} of the "
+                 f"MAC reduction turned into time"))
     if a.layers:
         print(f"\nper plan step (median of {result['layers'][0]['calls']} calls; nodes: the file's, "
               f"fused into the step" + ("; against: the other model's steps running the same "

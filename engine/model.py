@@ -151,9 +151,16 @@ def _matching(row: dict, others: list[dict]) -> dict | None:
         return None
     ms, macs = sum(o["median_ms"] for o in same), sum(o["macs"] for o in same)
     speedup = ms / row["median_ms"] if row["median_ms"] else 0.0
-    reduction = macs / row["macs"] if row["macs"] else None
     return {"steps": [o["step"] for o in same], "median_ms": ms, "macs": macs, "speedup": speedup,
-            "mac_reduction": reduction, "of_mac_reduction": reduction and speedup / reduction}
+            **mac_reduction(speedup, row["macs"], macs)}
+
+
+def mac_reduction(speedup: float, macs: int, dense_macs: int) -> dict:
+    """How many times dense_macs is macs ("mac_reduction") and the share of that a speedup
+    is ("of_mac_reduction"); both None when either count is 0 (nothing to reduce)."""
+    if not macs or not dense_macs:
+        return {"mac_reduction": None, "of_mac_reduction": None}
+    return {"mac_reduction": dense_macs / macs, "of_mac_reduction": speedup * macs / dense_macs}
 
 
 def format_shape(shape) -> str:

@@ -844,6 +844,20 @@ def test_cli_bench_against_the_dense_model(tmp_path, capsys):
     assert main(bench[:-2] + [str(other)]) == 1
     assert f"--against {other} does not take {basis}'s inputs" in capsys.readouterr().err
 
+    # no MACs to reduce (a ReLU alone): the speedup, no reduction (it divided by zero)
+    relu = tmp_path / "relu.h5"
+    fmt.save(relu, Graph([TensorSpec("x", [None, 3, 6, 6])], [("y", "r")], "tensor",
+                         [Node("r", "relu", ["x"])]), fmt.References())
+    alone = ["bench", str(relu), "--seconds", "0.05", "--min-runs", "2", "--rounds", "2",
+             "--against", str(relu), "--layers"]
+    assert main(alone + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["against"]["speedup"] > 0 and out["against"]["mac_reduction"] is None
+    assert out["against"]["of_mac_reduction"] is None
+    assert out["layers"][0]["against"]["mac_reduction"] is None
+    assert main(alone) == 0
+    assert "fewer MACs" not in capsys.readouterr().out
+
 
 NETS = """import torch
 from torch import nn
