@@ -18,12 +18,15 @@ runtime the net's variants (dense, BasisConv, TT) back to back (order rotated), 
 calls (50 ms at least, engine/timing.py) then N timed calls, with a pause between runtimes so that
 spinning thread pools (ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls
 (and the min), and ratios (engine vs ORT, compressed vs dense) per round, whose phases of the
-machine cancel. Before and after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's
-BLAS, 2 threads); each result is also given as effective GFLOP/s (2 x the engine-counted MACs x
-batch / time) and as a fraction of that SGEMM rate. At batch 1 also a sporadic caller's latency:
-engine and ORT calls alternated, each after IDLE_GAP s of sleep (thread pools as idle as that
-leaves them). Cold start: a fresh interpreter to the first output of the BasisConv VGG-16 file,
-with Numba's on-disk cache warm and cold (NUMBA_CACHE_DIR: an empty directory).
+machine cancel; the targets table gives each ratio also from the fastest calls (the machine's
+quiet moments: in its slow phases other tenants take the shared L3 and memory bandwidth, which
+costs a compressed net about as much time as its dense original, bench/RESULTS.md). Before and
+after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's BLAS, 2 threads); each
+result is also given as effective GFLOP/s (2 x the engine-counted MACs x batch / time) and as a
+fraction of that SGEMM rate. At batch 1 also a sporadic caller's latency: engine and ORT calls
+alternated, each after IDLE_GAP s of sleep (thread pools as idle as that leaves them). Cold
+start: a fresh interpreter to the first output of the BasisConv VGG-16 file, with Numba's
+on-disk cache warm and cold (NUMBA_CACHE_DIR: an empty directory).
 
 The machine is shared: --max-load waits (up to --wait seconds) for the 1-minute load average to
 drop below it before timing, and the load is recorded with the results.
@@ -345,11 +348,12 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
                   f"every kernel compiled) {cs['cold']:.2f} s."]
     met = targets(res, cs)
     if met:
-        lines += ["", "Targets (issue #6), from the tables above (met: by 'this run', the medians); "
-                  "'fastest calls': the same ratio from each model's and runtime's fastest call "
-                  "of the run, what the machine allows when nothing else contends for it; 'of "
-                  "SGEMM': the engine's effective GFLOP/s as a fraction of the run's SGEMM rate:",
-                  "", "| target | this run | rounds | fastest calls | of SGEMM | met |",
+        lines += ["", "Targets (issue #6), from the tables above (met: by 'this run', the "
+                  "medians); 'fastest calls': the same ratio from each model's and runtime's "
+                  "fastest call of the run, what the machine allows when nothing else contends "
+                  "for it; 'of SGEMM': the engine's effective GFLOP/s as a fraction of the run's "
+                  "SGEMM rate:", "",
+                  "| target | this run | rounds | fastest calls | of SGEMM | met |",
                   "|---|---|---|---|---|---|", *met]
     return "\n".join(lines) + "\n"
 

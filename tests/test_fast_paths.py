@@ -751,7 +751,8 @@ def test_speed_report_checks_the_targets():
     res = {"sgemm_start": 100.0, "sgemm_end": 100.0,
            "rows": [row("vgg16-dense", 16, 4e8, 40.0, 38.0, 36.0),
                     row("vgg16-basis", 16, 1e8, 12.0, 13.0, 10.0),
-                    row("vgg16-dense", 1, 4e8, 4.0, 3.0), row("vgg16-basis", 1, 1e8, 1.3, 1.0, 1.2)]}
+                    row("vgg16-dense", 1, 4e8, 4.0, 3.0),
+                    row("vgg16-basis", 1, 1e8, 1.3, 1.0, 1.2)]}
     rows = speed.targets(res, {"warm": 2.5})
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
     assert [c[0] for c in cells] == [
