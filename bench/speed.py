@@ -20,8 +20,8 @@ spinning thread pools (ORT, OpenMP, OpenBLAS) go idle; reported: the median over
 (and the min), and ratios (engine vs ORT, compressed vs dense) per round, whose phases of the
 machine cancel; the targets table gives each ratio also from the fastest calls (the machine's
 quiet moments: in its slow phases other tenants take the shared L3 and memory bandwidth, which
-costs a compressed net about as much time as its dense original, bench/RESULTS.md). Before and
-after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's BLAS, 2 threads); each
+costs a compressed net half to all the time it costs its dense original, bench/RESULTS.md).
+Before and after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's BLAS, 2 threads); each
 result is also given as effective GFLOP/s (2 x the engine-counted MACs x batch / time) and as a
 fraction of that SGEMM rate. At batch 1 also a sporadic caller's latency: engine and ORT calls
 alternated, each after IDLE_GAP s of sleep (thread pools as idle as that leaves them). Cold
