@@ -188,7 +188,9 @@ class Plan:
         the step's memory is not the arena's: ops not marked Op.arena_output (their output may
         be a view of an input, or NumPy's new array) and outputs the caller gets (a graph output
         or anything it may view). An output is alive from its step to the last step reading it
-        or a tensor that may view it; outputs alive at once get disjoint ranges (first fit)."""
+        or a tensor that may view it. Outputs alive at once go to different slots, and each
+        output lies centred in its slot (buffers.centred): the first half of the images at the
+        same addresses in every step, so that with two threads each touches its own memory."""
         # within: tensor -> the steps whose output it may view; last: step -> its last reader
         within = {t.name: () for t in self.graph.inputs}
         last = {}
@@ -200,20 +202,22 @@ class Plan:
                                  tuple({b for t in reads for b in within[t]}))
             last.setdefault(i, i)
         callers = {b for _, t in self.graph.outputs for b in within[t]}
-        layout, alive = [], []                              # alive: (offset, values, last step)
+        slots, until, slot_of = [], [], {}      # per slot: values, the last step reading it now
         for i, st in enumerate(self.steps):
             if not OPS[st.node.op].arena_output or i in callers:
-                layout.append(None)
                 continue
-            alive = sorted(a for a in alive if a[2] >= i)
-            n, offset = buffers.align(numel(shapes[st.output])), 0
-            for off, size, _ in alive:
-                if off - offset >= n:
-                    break
-                offset = max(offset, off + size)
-            alive.append((offset, n, last[i]))
-            layout.append((offset, shapes[st.output]))
-        return tuple(layout)
+            n = buffers.align(numel(shapes[st.output]))
+            free = [j for j in range(len(slots)) if until[j] < i]
+            fits = [j for j in free if slots[j] >= n]
+            j = (min(fits, key=slots.__getitem__) if fits else
+                 max(free, key=slots.__getitem__) if free else len(slots))
+            if j == len(slots):
+                slots.append(0)
+                until.append(0)
+            slots[j], until[j], slot_of[i] = max(slots[j], n), last[i], j
+        return tuple((buffers.centred(slots, slot_of[i], numel(shapes[st.output])),
+                      shapes[st.output]) if i in slot_of else None
+                     for i, st in enumerate(self.steps))
 
     def peak_elements(self, shapes: dict[str, tuple]) -> int:
         """Most values alive at once while the fused steps run (inputs and outputs included).

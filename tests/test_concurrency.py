@@ -148,8 +148,9 @@ def _memory_graph():
 
 def test_planned_outputs_share_memory_only_when_dead():
     """Plan._layout: each step's output gets arena memory that no output alive at the same time
-    (a view of it included) shares, and memory is reused; graph outputs and what they view are
-    the caller's (never in the arena). Checked against the unfused reference, node by node."""
+    (a view of it included) shares, and memory is reused, outputs sharing memory split in halves
+    at one address; graph outputs and what they view are the caller's (never in the arena).
+    Checked against the unfused reference, node by node."""
     model = engine.Model(_memory_graph(), fmt.References())
     x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
     shapes, layout = model.plan._check({"x": x.shape}, keep_all=False)
@@ -159,6 +160,13 @@ def test_planned_outputs_share_memory_only_when_dead():
     assert len(planned) >= 4
     end = max(off + int(np.prod(shape)) for off, shape in planned)
     assert end < sum(int(np.prod(shape)) for _, shape in planned)      # some memory reused
+    _, layout = model.plan._check({"x": (64, 3, 8, 8)}, keep_all=False)
+    shared = [((a, int(np.prod(sa))), (b, int(np.prod(sb))))        # outputs sharing memory
+              for (a, sa), (b, sb) in itertools.combinations(filter(None, layout), 2)
+              if a < b + np.prod(sb) and b < a + np.prod(sa)]
+    assert any(na != nb for (_, na), (_, nb) in shared)
+    for (a, na), (b, nb) in shared:                                 # halves at one address
+        assert abs((a + na / 2) - (b + nb / 2)) < 1024                # (to the 4 KB page)
     want = model.activations(x, kernels="reference")
     for _ in range(2):                                                  # the arena's second use too
         got = model(x)
@@ -170,7 +178,9 @@ def test_planned_outputs_share_memory_only_when_dead():
 def test_scratch_is_carved_from_the_calls_arena():
     """Inside Plan.run a kernel's scratch comes from the call's arena: disjoint arrays on
     64-byte boundaries, the same memory for the same request on every call (no fresh pages),
-    another arena for a call running at the same time; outside, plain new arrays."""
+    the i-th arrays of all requests split in halves at one address (each thread's rows stay
+    where they were), another arena for a call running at the same time; outside, plain new
+    arrays."""
     from engine import buffers
     shapes = ((3, 5), (7,), (0,), (2, 33))
     loose = buffers.scratch(*shapes)
@@ -196,6 +206,15 @@ def test_scratch_is_carved_from_the_calls_arena():
         again = buffers.scratch(*shapes)
         assert len(pool._arenas) == 1 and all(np.shares_memory(a, b) for a, b in
                                               zip(again[:2], first[:2]))
+    finally:
+        buffers.done(token)
+    token, _ = buffers.using(pool)                # thread halves of any size at one address
+    try:
+        small, = buffers.scratch((2, 3000))
+        large, = buffers.scratch((2, 10000))
+        small, = buffers.scratch((2, 3000))
+        assert np.shares_memory(small, large)
+        assert abs(small[1].ctypes.data - large[1].ctypes.data) < 4096   # to the page
     finally:
         buffers.done(token)
 
