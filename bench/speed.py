@@ -192,6 +192,7 @@ def run(args) -> dict:
     import engine   # first: torch loads its own libgomp.so.1, which Numba's OpenMP would then
     # share, so the engine's OpenMP setting (GOMP_SPINCOUNT, engine/__init__.py) must come first
     import onnxruntime as ort
+    import placement
     import torch
     torch.set_num_threads(THREADS)
     import numba
@@ -235,9 +236,14 @@ def run(args) -> dict:
                 fns[name, "pytorch"] = functools.partial(torch_call, model, xt)
                 fns[name, "onnxruntime"] = functools.partial(sess.run, None, {"x": x})
             calls = args.calls if B > 1 else args.calls * 4
-            times = interleaved(fns, calls, args.rounds)
+            probes = [placement.transfer_ns()]  # before and after each round: the vCPUs' state
+            times = interleaved(fns, calls, args.rounds,
+                                after_round=lambda: probes.append(placement.transfer_ns()))
+            print(f"B={B}: CPU 0 -> 1 line transfer before and after each round (ns): "
+                  f"{' '.join(f'{p:.0f}' for p in probes)}", flush=True)
             for name, (_, m, _, macs) in runs.items():
-                row = {"model": name, "batch": B, "macs": macs, "err": errs[name]}
+                row = {"model": name, "batch": B, "macs": macs, "err": errs[name],
+                       "placement": probes}
                 for k in ("engine", "pytorch", "onnxruntime"):
                     ts = times[name, k]
                     med = statistics.median(ts)
@@ -349,12 +355,14 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
     met = targets(res, cs)
     if met:
         lines += ["", "Targets (issue #6), from the tables above (met: by 'this run', the "
-                  "medians); 'fastest calls': the same ratio from each model's and runtime's "
-                  "fastest call of the run, what the machine allows when nothing else contends "
-                  "for it; 'of SGEMM': the engine's effective GFLOP/s as a fraction of the run's "
-                  "SGEMM rate:", "",
-                  "| target | this run | rounds | fastest calls | of SGEMM | met |",
-                  "|---|---|---|---|---|---|", *met]
+                  "medians); 'near' / 'far': the median over the rounds that began and ended "
+                  f"with the two vCPUs sharing an L3 (a cache line from one to the other in "
+                  f"under {NEAR_NS} ns, bench/placement.py) / on different L3s (how many such "
+                  "rounds in brackets); 'fastest calls': the same ratio from each model's and "
+                  "runtime's fastest call of the run; 'of SGEMM': the engine's effective GFLOP/s "
+                  "as a fraction of the run's SGEMM rate:", "",
+                  "| target | this run | rounds | near | far | fastest calls | of SGEMM | met |",
+                  "|---|---|---|---|---|---|---|---|", *met]
     return "\n".join(lines) + "\n"
 
 
@@ -388,11 +396,24 @@ TARGETS = [("BasisConv VGG-16 throughput vs ORT", "vgg16-basis", 16, "vs ORT", 1
               "of MACs", 0.8) for net, title in (("vgg16", "VGG-16"), ("resnet18", "ResNet-18"))
              for B in (1, 16))]
 WARM_START_MAX = 2.0  # s: the first output in a fresh process, Numba's cache warm
+NEAR_NS = 100         # a line transfer between the vCPUs under this: they share an L3
+                      # (bench/placement.py: 35-40 ns near, 160-180 ns far on this machine)
+
+
+def placed(values: list, probes: list | None, state: str) -> str:
+    """'median (rounds)' of the per-round values whose round began and ended with the vCPUs in
+    `state` ('near': the line transfer under NEAR_NS both times, 'far': over it both times)."""
+    if not probes:
+        return ""
+    near = [p < NEAR_NS for p in probes]
+    picked = [v for v, a, b in zip(values, near, near[1:]) if a == b == (state == "near")]
+    return f"{statistics.median(picked):.2f} ({len(picked)})" if picked else "-"
 
 
 def targets(res: dict | None, cs: dict | None) -> list[str]:
-    """Table rows: each of TARGETS the run measured (value, its range over the rounds, the
-    ratio of the fastest calls, the engine's fraction of SGEMM, met), and the warm start."""
+    """Table rows: each of TARGETS the run measured (value, its range over the rounds, its
+    median over the rounds with the vCPUs near and far, the ratio of the fastest calls, the
+    engine's fraction of SGEMM, met), and the warm start."""
     rows = []
     if res:
         sg = (res["sgemm_start"] + res["sgemm_end"]) / 2
@@ -402,25 +423,27 @@ def targets(res: dict | None, cs: dict | None) -> list[str]:
             r, c = by.get((model, B)), speedups.get((model.split("-")[0], "basis", B))
             if r is None or (measure == "of MACs" and c is None):
                 continue
-            e, o, rounds = r["engine"], r["onnxruntime"], r["vs_ort_rounds"]
-            if measure == "of MACs":
+            e, o = r["engine"], r["onnxruntime"]
+            if measure == "of MACs":                # per round, in order
                 value = c["engine"] / c["reduction"]
-                rounds = [v / c["reduction"] for v in c["engine_rounds"]]
                 dense = by[model.replace("-basis", "-dense"), B]["engine"]
+                rounds = [d / b / c["reduction"] for d, b in zip(dense["rounds"], e["rounds"])]
                 fastest = dense["min_ms"] / e["min_ms"] / c["reduction"]
             elif measure == "latency":
-                value, rounds = e["ms"] / o["ms"], [1 / v for v in rounds[::-1]]
-                fastest = e["min_ms"] / o["min_ms"]
+                value, fastest = e["ms"] / o["ms"], e["min_ms"] / o["min_ms"]
+                rounds = [a / b for a, b in zip(e["rounds"], o["rounds"])]
             else:
                 value, fastest = o["ms"] / e["ms"], o["min_ms"] / e["min_ms"]
+                rounds = [a / b for a, b in zip(o["rounds"], e["rounds"])]
             ok = value <= bound if measure == "latency" else value >= bound
             sign = "<=" if measure == "latency" else ">="
+            near, far = (placed(rounds, r.get("placement"), s) for s in ("near", "far"))
             rows.append(f"| {what}, batch {B} {sign} {bound:g} | {value:.2f} | "
-                        f"{rounds[0]:.2f}-{rounds[-1]:.2f} | {fastest:.2f} "
+                        f"{min(rounds):.2f}-{max(rounds):.2f} | {near} | {far} | {fastest:.2f} "
                         f"| {e['gflops'] / sg:.2f} | {'yes' if ok else '**no**'} |")
     if cs:
         rows.append(f"| first output, warm cache <= {WARM_START_MAX:g} s | {cs['warm']:.2f} s | | "
-                    f"| | {'yes' if cs['warm'] <= WARM_START_MAX else '**no**'} |")
+                    f"| | | | {'yes' if cs['warm'] <= WARM_START_MAX else '**no**'} |")
     return rows
 
 

@@ -10,7 +10,7 @@ import time
 
 
 def interleaved(fns: dict, calls: int, rounds: int, pause: float = 0.25,
-                warmup: float = 0.05) -> dict:
+                warmup: float = 0.05, after_round=None) -> dict:
     """{(model, runtime): per-call seconds} of each fn of fns {(model, runtime): fn}, run in
     turn `rounds` times, each time warm-up calls for `warmup` s (one at least) and `calls` timed
     calls, with `pause` s between runtimes. A round takes the runtimes in turn (order rotated),
@@ -19,7 +19,8 @@ def interleaved(fns: dict, calls: int, rounds: int, pause: float = 0.25,
     dense model on the engine alone). Why warm up for a time: after a pause the first ~10 ms of
     calls run slow (clocks and thread pools coming up; BasisConv VGG-16 at batch 1 took 1.81,
     1.40, 1.26, 1.23 ms, then 1.10-1.15), which one warm-up call of a short model does not
-    cover."""
+    cover. `after_round()`, if given, is called at the end of each round (after its pauses:
+    the thread pools idle), for a measure of the machine's state during it."""
     times = {k: [] for k in fns}
     runtimes = list(dict.fromkeys(r for _, r in fns))
     models = list(dict.fromkeys(m for m, _ in fns))
@@ -38,6 +39,8 @@ def interleaved(fns: dict, calls: int, rounds: int, pause: float = 0.25,
                     f()
                     times[model, runtime].append(time.perf_counter() - t)
             time.sleep(pause)
+        if after_round is not None:
+            after_round()
     return times
 
 

@@ -731,26 +731,27 @@ def test_interleaved_warms_up_for_a_time(monkeypatch, warmup, warm_calls):
 def test_speed_report_checks_the_targets():
     """bench/speed.py's targets table: each target from the run's medians and rounds (ORT /
     engine time, its inverse for latency, compressed vs dense over the MAC reduction), met or
-    not by its bound, and the same ratio of the fastest calls; targets whose models the run
-    lacks are left out."""
+    not by its bound, the median of the rounds with the vCPUs near and far, and the same ratio
+    of the fastest calls; targets whose models the run lacks are left out."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("speed", ROOT / "bench" / "speed.py")
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
 
-    def row(model, batch, macs, engine_ms, ort_ms, engine_min=None):  # two rounds at the median
+    def row(model, batch, macs, engine_ms, ort_ms, engine_min=None, last_round=None):
         times = {k: {"ms": ms, "min_ms": ms, "gflops": 2 * macs * batch / ms / 1e6,
-                     "rounds": [ms, ms]}
+                     "rounds": [ms, ms, ms]}                  # three rounds at the median
                  for k, ms in (("engine", engine_ms), ("onnxruntime", ort_ms),
                                ("pytorch", 10.0))}
         times["engine"]["min_ms"] = engine_min or engine_ms
+        times["engine"]["rounds"][2] = last_round or engine_ms
         return {"model": model, "batch": batch, "macs": macs, **times,
-                "vs_ort_rounds": [ort_ms / engine_ms] * 2}
+                "placement": [35.0, 38.0, 170.0, 175.0]}  # rounds: near, mixed, far
 
     res = {"sgemm_start": 100.0, "sgemm_end": 100.0,
            "rows": [row("vgg16-dense", 16, 4e8, 40.0, 38.0, 36.0),
-                    row("vgg16-basis", 16, 1e8, 12.0, 13.0, 10.0),
+                    row("vgg16-basis", 16, 1e8, 12.0, 13.0, 10.0, last_round=15.0),
                     row("vgg16-dense", 1, 4e8, 4.0, 3.0),
                     row("vgg16-basis", 1, 1e8, 1.3, 1.0, 1.2)]}
     rows = speed.targets(res, {"warm": 2.5})
@@ -760,10 +761,31 @@ def test_speed_report_checks_the_targets():
         "batch 1 <= 1.25", "dense VGG-16 throughput vs ORT, batch 16 >= 0.9", "VGG-16 compressed "
         "vs dense, of the MAC reduction, batch 1 >= 0.8", "VGG-16 compressed vs dense, of the MAC "
         "reduction, batch 16 >= 0.8", "first output, warm cache <= 2 s"]
-    assert [(c[1], c[3], c[5]) for c in cells] == [
+    assert [(c[1], c[5], c[7]) for c in cells] == [
         ("1.08", "1.30", "yes"), ("1.30", "1.20", "**no**"), ("0.95", "1.06", "yes"),
         ("0.77", "0.83", "**no**"), ("0.83", "0.90", "yes"), ("2.50 s", "", "**no**")]
-    assert cells[0][2] == "1.08-1.08" and cells[0][4] == f"{2 * 1e8 * 16 / 12.0 / 1e6 / 100:.2f}"
+    assert cells[0][6] == f"{2 * 1e8 * 16 / 12.0 / 1e6 / 100:.2f}"
+    # the ranges over the rounds, and the rounds with the vCPUs near and far (not the mixed one)
+    assert [c[2:5] for c in cells[:5]] == [
+        ["0.87-1.08", "1.08 (1)", "0.87 (1)"], ["1.30-1.30", "1.30 (1)", "1.30 (1)"],
+        ["0.95-0.95", "0.95 (1)", "0.95 (1)"], ["0.77-0.77", "0.77 (1)", "0.77 (1)"],
+        ["0.67-0.83", "0.83 (1)", "0.67 (1)"]]
+
+
+def test_placement_probe_times_a_line_transfer():
+    """bench/placement.py: the time a cache line takes between CPUs 0 and 1 (a plausible number
+    of ns), with the caller's own CPU affinity left as it was."""
+    import importlib.util
+
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("needs CPUs 0 and 1")
+    spec = importlib.util.spec_from_file_location("placement", ROOT / "bench" / "placement.py")
+    placement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(placement)
+    before = os.sched_getaffinity(0)
+    ns = placement.transfer_ns(2000)
+    assert 1 < ns < 100_000
+    assert os.sched_getaffinity(0) == before
 
 
 def test_cli_bench_times_the_engine_alone(tmp_path, capsys):
