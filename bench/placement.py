@@ -4,8 +4,9 @@ other (a ping-pong of one value between two threads pinned to CPUs 0 and 1).
 On the bench's 2-vCPU cloud machine this one number separates its two states: 35-40 ns a
 transfer when the vCPUs share an L3, 160-180 ns when the host has put them on different L3
 domains, which it does for seconds to minutes at a time. In the far state every line one thread
-wrote and the other reads costs that much more, and the engine's BasisConv nets took 1.2-1.5x as
-long (bench/RESULTS.md). `python bench/placement.py` prints it a few times.
+wrote and the other reads costs that much more: the engine's BasisConv nets take 1.1-1.5x as
+long, the dense ones 1.02-1.1x (bench/RESULTS.md). `python bench/placement.py` prints it a few
+times.
 """
 from __future__ import annotations
 

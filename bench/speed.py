@@ -18,9 +18,12 @@ runtime the net's variants (dense, BasisConv, TT) back to back (order rotated), 
 calls (50 ms at least, engine/timing.py) then N timed calls, with a pause between runtimes so that
 spinning thread pools (ORT, OpenMP, OpenBLAS) go idle; reported: the median over all timed calls
 (and the min), and ratios (engine vs ORT, compressed vs dense) per round, whose phases of the
-machine cancel; the targets table gives each ratio also from the fastest calls (the machine's
-quiet moments: in its slow phases other tenants take the shared L3 and memory bandwidth, which
-costs a compressed net half to all the time it costs its dense original, bench/RESULTS.md).
+machine cancel. Before and after each round, bench/placement.py times a cache line's transfer
+between the two CPUs: the host puts this machine's two vCPUs now on one L3, now on two (35-40
+against 160-180 ns, for seconds to minutes), and on two every line one thread wrote and the
+other reads costs more, the compressed nets 1.1-1.5x as long where the dense ones take
+1.02-1.1x (bench/RESULTS.md). The targets table gives each ratio over all rounds, over the
+rounds spent near and far, and from the fastest calls.
 Before and after the runs: SGEMM GFLOP/s of np.dot on 2048x2048 float32 (NumPy's BLAS, 2 threads); each
 result is also given as effective GFLOP/s (2 x the engine-counted MACs x batch / time) and as a
 fraction of that SGEMM rate. At batch 1 also a sporadic caller's latency: engine and ORT calls
