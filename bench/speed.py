@@ -253,10 +253,10 @@ def run(args) -> dict:
                     row[k] = {"ms": med * 1e3, "min_ms": min(ts) * 1e3, "img_s": B / med,
                               "gflops": 2 * macs * B / med / 1e9,
                               "rounds": round_medians(ts, calls)}
-                # ORT / engine per round: the machine's slow and fast phases (often 1.5x apart
-                # on a shared machine) cancel in these where they outlast a round
-                row["vs_ort_rounds"] = sorted(o / e for o, e in zip(row["onnxruntime"]["rounds"],
-                                                                     row["engine"]["rounds"]))
+                # ORT / engine per round, in order: the machine's slow and fast phases (often
+                # 1.5x apart on a shared machine) cancel in these where they outlast a round
+                row["vs_ort_rounds"] = [o / e for o, e in zip(row["onnxruntime"]["rounds"],
+                                                              row["engine"]["rounds"])]
                 if B == 1:
                     row["idle"] = after_idle({k: fns[name, k] for k in ("engine", "onnxruntime")})
                     print(f"{name:15s} B=1   after {IDLE_GAP * 1e3:.0f} ms idle: engine "
@@ -264,7 +264,7 @@ def run(args) -> dict:
                           f"{row['idle']['onnxruntime'] * 1e3:.2f} ms", flush=True)
                 res["rows"].append(row)
                 e, o, p = row["engine"], row["onnxruntime"], row["pytorch"]
-                lo, hi = row["vs_ort_rounds"][0], row["vs_ort_rounds"][-1]
+                lo, hi = min(row["vs_ort_rounds"]), max(row["vs_ort_rounds"])
                 print(f"{name:15s} B={B:<3d} engine {e['ms']:8.2f} ms  ORT {o['ms']:8.2f} ms  "
                       f"torch {p['ms']:8.2f} ms   engine/ORT speed {o['ms'] / e['ms']:.2f}x "
                       f"(rounds {lo:.2f}-{hi:.2f})  engine {e['gflops']:.0f} GFLOP/s  "
@@ -323,14 +323,14 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
                 f"| {r['model']} | {r['macs'] / 1e6:.1f} M | {r['batch']} | {e['ms']:.2f} ({e['min_ms']:.2f}) "
                 f"| {e['img_s']:.0f} | {e['gflops']:.0f} | {e['gflops'] / sg:.2f} | {o['ms']:.2f} "
                 f"({o['min_ms']:.2f}) | {o['img_s']:.0f} | {o['gflops']:.0f} | {o['gflops'] / sg:.2f} | "
-                f"{p['ms']:.2f} | {p['img_s']:.0f} | {o['ms'] / e['ms']:.2f}x ({r['vs_ort_rounds'][0]:.2f}-"
-                f"{r['vs_ort_rounds'][-1]:.2f}) | {p['ms'] / e['ms']:.2f}x | "
+                f"{p['ms']:.2f} | {p['img_s']:.0f} | {o['ms'] / e['ms']:.2f}x ({min(r['vs_ort_rounds']):.2f}-"
+                f"{max(r['vs_ort_rounds']):.2f}) | {p['ms'] / e['ms']:.2f}x | "
                 f"{r['err']['engine']:.1e} / {r['err']['ort']:.1e} |")
         speedups = [
             f"| {net} {variant} | {B} | {c['reduction']:.2f}x | {c['engine']:.2f}x "
             f"({c['engine'] / c['reduction']:.2f} of the MAC reduction; rounds "
-            f"{c['engine_rounds'][0] / c['reduction']:.2f}-"
-            f"{c['engine_rounds'][-1] / c['reduction']:.2f}) | "
+            f"{min(c['engine_rounds']) / c['reduction']:.2f}-"
+            f"{max(c['engine_rounds']) / c['reduction']:.2f}) | "
             + " | ".join(f"{c[k]:.2f}x ({c[k] / c['reduction']:.2f})"
                          for k in ("onnxruntime", "pytorch")) + " |"
             for (net, variant, B), c in compressed_vs_dense(res).items()]
@@ -372,7 +372,7 @@ def report(res: dict | None, cs: dict | None, mach: dict, command: str) -> str:
 def compressed_vs_dense(res: dict) -> dict:
     """{(net, variant, batch): time speedup of the compressed net over the dense one per
     runtime (the median over the rounds of each round's dense / compressed time), the engine's
-    per round (sorted), and the MAC reduction}, for the nets the run has both of."""
+    per round (in order), and the MAC reduction}, for the nets the run has both of."""
     by = {(r["model"], r["batch"]): r for r in res["rows"]}
     out = {}
     nets = dict.fromkeys(m.split("-")[0] for m, _ in by)
@@ -380,7 +380,7 @@ def compressed_vs_dense(res: dict) -> dict:
         d, c = by.get((f"{net}-dense", B)), by.get((f"{net}-{variant}", B))
         if d is None or c is None:
             continue
-        ratios = {k: sorted(a / b for a, b in zip(d[k]["rounds"], c[k]["rounds"]))
+        ratios = {k: [a / b for a, b in zip(d[k]["rounds"], c[k]["rounds"])]
                   for k in ("engine", "onnxruntime", "pytorch")}
         out[net, variant, B] = {"reduction": d["macs"] / c["macs"],
                                 "engine_rounds": ratios["engine"],
@@ -426,18 +426,17 @@ def targets(res: dict | None, cs: dict | None) -> list[str]:
             r, c = by.get((model, B)), speedups.get((model.split("-")[0], "basis", B))
             if r is None or (measure == "of MACs" and c is None):
                 continue
-            e, o = r["engine"], r["onnxruntime"]
-            if measure == "of MACs":                # per round, in order
+            e, o, rounds = r["engine"], r["onnxruntime"], r["vs_ort_rounds"]   # in order
+            if measure == "of MACs":
                 value = c["engine"] / c["reduction"]
+                rounds = [v / c["reduction"] for v in c["engine_rounds"]]
                 dense = by[model.replace("-basis", "-dense"), B]["engine"]
-                rounds = [d / b / c["reduction"] for d, b in zip(dense["rounds"], e["rounds"])]
                 fastest = dense["min_ms"] / e["min_ms"] / c["reduction"]
             elif measure == "latency":
-                value, fastest = e["ms"] / o["ms"], e["min_ms"] / o["min_ms"]
-                rounds = [a / b for a, b in zip(e["rounds"], o["rounds"])]
+                value, rounds = e["ms"] / o["ms"], [1 / v for v in rounds]
+                fastest = e["min_ms"] / o["min_ms"]
             else:
                 value, fastest = o["ms"] / e["ms"], o["min_ms"] / e["min_ms"]
-                rounds = [a / b for a, b in zip(o["rounds"], e["rounds"])]
             ok = value <= bound if measure == "latency" else value >= bound
             sign = "<=" if measure == "latency" else ">="
             near, far = (placed(rounds, r.get("placement"), s) for s in ("near", "far"))

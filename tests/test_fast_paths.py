@@ -747,6 +747,7 @@ def test_speed_report_checks_the_targets():
         times["engine"]["min_ms"] = engine_min or engine_ms
         times["engine"]["rounds"][2] = last_round or engine_ms
         return {"model": model, "batch": batch, "macs": macs, **times,
+                "vs_ort_rounds": [ort_ms / e for e in times["engine"]["rounds"]],
                 "placement": [35.0, 38.0, 170.0, 175.0]}  # rounds: near, mixed, far
 
     res = {"sgemm_start": 100.0, "sgemm_end": 100.0,
